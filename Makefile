@@ -1,0 +1,32 @@
+# Every target sets itself up: uv (bootstrapped with pip if absent) + the committed uv.lock.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(PYTHON) -m uv
+RUN := $(UV) run --frozen --no-sync
+
+.PHONY: setup demo test test-all lint format bench
+
+setup:
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
+	@$(UV) sync --frozen --quiet
+
+demo: setup
+	$(RUN) monoray sweep search_spaces/demo.yaml
+
+lint: setup
+	$(RUN) ruff check monoray tests bench jobs
+	$(RUN) ruff format --check monoray tests bench jobs
+
+test: lint
+	$(RUN) pytest
+
+test-all: lint
+	$(RUN) pytest -m "slow or not slow"
+
+format: setup
+	$(RUN) ruff format monoray tests bench jobs
+	$(RUN) ruff check --fix monoray tests bench jobs
+
+bench: setup
+	$(RUN) python bench/monoscore.py
+	$(RUN) python bench/sae_step.py

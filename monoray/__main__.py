@@ -1,0 +1,3 @@
+from monoray.cli import main
+
+raise SystemExit(main())
