@@ -4,14 +4,17 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup demo test test-all lint format bench
+.PHONY: setup demo ui test test-all lint format bench
 
 setup:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
 	@$(UV) sync --frozen --quiet
 
 demo: setup
-	$(RUN) monoray sweep search_spaces/demo.yaml
+	$(RUN) monoray sweep search_spaces/demo.yaml --name demo-$$(date +%Y%m%d-%H%M%S)
+
+ui: setup
+	$(RUN) monoray ui
 
 lint: setup
 	$(RUN) ruff check monoray tests bench jobs

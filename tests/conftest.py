@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # CI runs derandomized so a red build is reproducible; locally explore more.
@@ -16,3 +17,33 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the whole test session (`ray.init` costs ~7 s).
+
+    Logical CPUs are over-declared so two concurrent trials (and Train workers)
+    fit on a 2-core CI machine; the work itself still shares the real cores.
+    """
+    import ray
+
+    from monoray.sweep.runner import start_local_ray
+
+    start_local_ray(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        object_store_memory=256 * 1024**2,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A throwaway monoray project directory (mlflow.db, optuna.db, artifacts, ray results)."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("MONORAY_HOME", str(root))
+    return root

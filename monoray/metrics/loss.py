@@ -1,0 +1,307 @@
+"""MonoLoss (paper §3.3, spec §3): differentiable batch MonoScore, dense and sparse.
+
+On a batch of B rows, with min and max taken over the batch (gradients flow
+through them; ties share the gradient equally, exactly like `torch.amin` /
+`torch.amax`):
+
+    L_mono = 1 - mean_{k active} MS_k^(batch),     L_mono = 1 if no latent is active,
+
+where `MS^(batch)` is the linear MonoScore of `monoscore.py` on the batch and a
+latent is active iff `r_k > 0`, `den_k > eps` and `den_k > DEN_RTOL·scale_k²`
+(the shared zero rule). `den_k = Σ_{n<m} ã_kn ã_km` is measured in normalised
+units (ã ∈ [0, 1]), so `eps` does not depend on the activation scale. A latent
+with `den <= eps` has essentially one activating sample in the batch: its
+score is a ratio of two vanishing numbers whose gradient grows like 1/den, so
+it is excluded. No branch ever divides by zero, so the loss and its gradient
+are never NaN (constant latents, a batch of one, all-zero latents). The set of
+active latents is a non-differentiable selection; the count is a constant.
+
+Embeddings are frozen features: they are detached (never receive gradients).
+Everything is computed in float64; the loss is returned in the activations'
+dtype, connected to the graph.
+
+Two paths:
+- dense activations: plain autograd over float64 ops; the batch GEMM
+  `ÃᵀH` dominates (forward and backward ~2·B·M·d flops each).
+- sparse activations (torch COO/CSR via `mono_loss`, or `mono_loss_rows` for raw
+  CSR-like arrays): a custom autograd function computes the raw statistics
+  S1, S2, `||P_k||²`, `P_k·Hsum`, min, max from the stored values only (one
+  SpMM, O(nnz·d)), and its backward returns the gradient w.r.t. the stored
+  values only, via one sampled dense-dense product:
+
+      dL/da_ik = dL/dS1_k + 2 a_ik dL/dS2_k + 2 (h_i·P_k) dL/dq_k
+                 + (h_i·Hsum) dL/dt_k + min/max tie terms.
+
+  Entries that are not stored get no gradient: the gradient equals the dense
+  path's gradient restricted to the stored entries (for TopK/ReLU latents the
+  unstored entries receive zero gradient upstream anyway).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from monoray.errors import InputError
+from monoray.metrics._checks import (
+    as_tensor,
+    check_2d_float,
+    check_activations,
+    check_finite_dense,
+    check_finite_values,
+    check_rows,
+    is_sparse,
+    to_triplets,
+    unit_rows,
+)
+from monoray.metrics.monoscore import column_stats, finish_scores
+
+__all__ = ["DEFAULT_EPS", "mono_loss", "mono_loss_rows"]
+
+DEFAULT_EPS = 1e-6
+"""Default absolute floor on the normalised batch denominator `Σ_{n<m} ã ã`."""
+
+_F64 = torch.float64
+_BLOCK_BYTES = 4 << 20  # P = AᵀH is built in latent blocks of at most 4 MiB
+
+
+def _loss_from_parts(
+    num: Tensor, den: Tensor, u: Tensor, mn: Tensor, rs: Tensor, spread: Tensor, n: int, eps: float
+) -> Tensor:
+    scores, active = finish_scores(num, den, u, mn, rs, spread, float(n), eps=eps)
+    count = active.sum().clamp(min=1).to(_F64)
+    return 1.0 - scores.sum() / count
+
+
+def _check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not eps >= 0.0 or eps == float("inf"):
+        raise InputError(f"eps: must be a finite number >= 0, got {eps}")
+    return eps
+
+
+# ---------------------------------------------------------------- dense path
+def _dense_loss(h: Tensor, a: Tensor, eps: float) -> Tensor:
+    x = a.to(_F64)
+    n = int(x.shape[0])
+    mn, mx = torch.amin(x, 0), torch.amax(x, 0)
+    r = mx - mn
+    spread = (r > 0).detach()
+    rs = torch.where(spread, r, torch.ones_like(r))
+    at = (x - mn) / rs
+    u = at.sum(0)
+    v = (at * at).sum(0)
+    w = at.T @ h  # [M, d]
+    q = (w * w).sum(1)
+    loss = _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
+    return loss.to(a.dtype)
+
+
+# --------------------------------------------------------------- sparse path
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Index structure of a sparse batch (no gradients): row-major entries and Aᵀ as CSR."""
+
+    row: Tensor  # [nnz] row of each entry, non-decreasing
+    col: Tensor  # [nnz] column of each entry
+    crow: Tensor  # [B+1] row offsets of A
+    perm: Tensor  # [nnz] entry order sorted by (col, row)
+    at_crow: Tensor  # [M+1] row offsets of Aᵀ
+    at_col: Tensor  # [nnz] = row[perm]
+    counts: Tensor  # [M] stored entries per column
+    n_rows: int
+    n_cols: int
+    blocks: tuple[tuple[int, int, int, int], ...]  # latent blocks (k0, k1, lo, hi) of Aᵀ
+
+
+def _make_plan(
+    row: Tensor, col: Tensor, crow: Tensor, n_rows: int, n_cols: int, d: int, name: str
+) -> _Plan:
+    key = col * n_rows + row
+    skey, perm = torch.sort(key)
+    if skey.numel() > 1 and bool((skey[1:] == skey[:-1]).any()):
+        j = int(torch.nonzero(skey[1:] == skey[:-1])[0, 0])
+        k = int(skey[j])
+        raise InputError(f"{name}: duplicate entry at row {k % n_rows}, column {k // n_rows}")
+    counts = torch.bincount(col, minlength=n_cols)
+    at_crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
+    torch.cumsum(counts, 0, out=at_crow[1:])
+    step = max(1, _BLOCK_BYTES // (8 * d))
+    ks = [*range(0, n_cols, step), n_cols]
+    offs = at_crow[torch.tensor(ks, device=at_crow.device)].tolist()
+    blocks = tuple((ks[i], ks[i + 1], offs[i], offs[i + 1]) for i in range(len(ks) - 1))
+    return _Plan(row, col, crow, perm, at_crow, row[perm], counts, n_rows, n_cols, blocks)
+
+
+def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+
+
+class _SparseMonoStats(torch.autograd.Function):
+    """values [nnz] -> (S1, S2, q_raw = ||P_k||², t = P_k·Hsum, min, max), all [M] float64.
+
+    `P = Aᵀ H` is built one latent block at a time (a few MiB, cache-resident)
+    and never materialised whole: each block gives its `||P_k||²` and, when a
+    gradient is needed, the sampled products `h_i·P_k` at the block's stored
+    entries, which is all the backward pass needs from P.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, h: Tensor, hdot: Tensor, plan: _Plan):  # type: ignore[override]
+        v = values.detach().to(_F64)
+        m, b = plan.n_cols, plan.n_rows
+        s1, s2, mn, mx, _ = column_stats(plan.col, v, b, m)
+        vt = v[plan.perm]  # values of Aᵀ in its CSR (column-major) order
+        need_grad = bool(ctx.needs_input_grad[0])
+        sdd_t = torch.empty_like(v) if need_grad else None
+        zeros = torch.zeros_like(v) if need_grad else None
+        q_raw = torch.empty(m, dtype=_F64, device=v.device)
+        h_t = h.T
+        for k0, k1, lo, hi in plan.blocks:
+            crow = plan.at_crow[k0 : k1 + 1] - lo
+            pb = _csr(crow, plan.at_col[lo:hi], vt[lo:hi], (k1 - k0, b)) @ h  # P[k0:k1]
+            torch.linalg.vector_norm(pb, dim=1, out=q_raw[k0:k1])
+            if need_grad and hi > lo:
+                pattern = _csr(crow, plan.at_col[lo:hi], zeros[lo:hi], (k1 - k0, b))
+                sdd_t[lo:hi] = torch.sparse.sampled_addmm(pattern, pb, h_t, beta=0.0).values()
+        q_raw.square_()
+        t = torch.bincount(plan.col, weights=v * hdot[plan.row], minlength=m)
+        if need_grad:
+            sdd = torch.empty_like(v)
+            sdd[plan.perm] = sdd_t  # back to the row-major order of `values`
+            ctx.save_for_backward(v, sdd, hdot, mn, mx)
+        ctx.plan = plan
+        ctx.in_dtype = values.dtype
+        return s1, s2, q_raw, t, mn, mx
+
+    @staticmethod
+    def backward(ctx, g1: Tensor, g2: Tensor, gq: Tensor, gt: Tensor, gmn: Tensor, gmx: Tensor):  # type: ignore[override]
+        v, sdd, hdot, mn, mx = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        col, b, m = plan.col, plan.n_rows, plan.n_cols
+        # dL/da_ik = dS1 + 2 a dS2 + 2 (h_i·P_k) dq + (h_i·Hsum) dt  (+ min/max ties below)
+        grad = g1[col] + 2.0 * v * g2[col] + 2.0 * gq[col] * sdd + gt[col] * hdot[plan.row]
+        implicit = b - plan.counts  # unstored (zero) entries per column
+        for ext, g_ext in ((mn, gmn), (mx, gmx)):
+            # torch.amin/amax semantics: the gradient is shared equally by all tied
+            # entries, including the unstored zeros when the extreme is 0.
+            tie = v == ext[col]
+            ties = torch.bincount(col, weights=tie.to(_F64), minlength=m)
+            ties = ties + torch.where(ext == 0, implicit, torch.zeros_like(implicit)).to(_F64)
+            grad = grad + torch.where(tie, g_ext[col] / ties.clamp(min=1.0)[col], 0.0)
+        return grad.to(ctx.in_dtype), None, None, None
+
+
+def _sparse_loss(
+    h: Tensor, values: Tensor, plan: _Plan, eps: float, out_dtype: torch.dtype
+) -> Tensor:
+    n = plan.n_rows
+    hsum = h.sum(0)
+    hdot = h @ hsum
+    s1, s2, q_raw, t, mn, mx = _SparseMonoStats.apply(values, h, hdot, plan)
+    r = mx - mn
+    spread = (r > 0).detach()
+    rs = torch.where(spread, r, torch.ones_like(r))
+    rs2 = rs * rs
+    u = (s1 - n * mn) / rs
+    v = (s2 - mn * (2.0 * s1 - n * mn)) / rs2
+    q = (q_raw - mn * (2.0 * t - mn * (hsum @ hsum))) / rs2
+    loss = _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
+    return loss.to(out_dtype)
+
+
+# ------------------------------------------------------------------- public
+def mono_loss(embeddings: object, activations: object, *, eps: float = DEFAULT_EPS) -> Tensor:
+    """Batch MonoLoss `1 - mean_{active k} MS_k` (scalar, activations' dtype).
+
+    embeddings [B, d] (frozen; detached), activations [B, M] dense or torch
+    sparse COO/CSR. For sparse input the gradient flows to the stored values
+    (`values()` of a coalesced COO or a CSR tensor keeps the autograd link in
+    torch 2.15; an uncoalesced COO is coalesced differentiably first) and the
+    cost is O(nnz·d) instead of O(B·M·d).
+    """
+    eps = _check_eps(eps)
+    e = as_tensor(embeddings, "embeddings")
+    check_2d_float(e, "embeddings")
+    a = check_activations(activations)
+    check_rows("embeddings", int(e.shape[0]), "activations", int(a.shape[0]))
+    h = unit_rows(e.to(a.device))
+    if not is_sparse(a):
+        check_finite_dense(a.detach(), "activations")
+        return _dense_loss(h, a, eps)
+    t = to_triplets(a)
+    check_finite_values(t, "activations")
+    counts = torch.bincount(t.row, minlength=t.n_rows)
+    crow = torch.zeros(t.n_rows + 1, dtype=torch.int64, device=t.row.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    plan = _make_plan(t.row, t.col, crow, t.n_rows, t.n_cols, int(h.shape[1]), "activations")
+    return _sparse_loss(h, t.val, plan, eps, a.dtype)
+
+
+def mono_loss_rows(
+    embeddings: object,
+    values: Tensor,
+    col_indices: Tensor,
+    row_offsets: Tensor,
+    n_latents: int,
+    *,
+    eps: float = DEFAULT_EPS,
+) -> Tensor:
+    """Sparse MonoLoss from CSR-like arrays, without building a torch sparse tensor.
+
+    Row i of the [B, n_latents] activation matrix stores `values[j]` at column
+    `col_indices[j]` for `j in range(row_offsets[i], row_offsets[i+1])`; other
+    entries are 0. Columns within a row may be in any order but must be
+    unique. `values` [nnz] (float, carries the gradient), `col_indices` [nnz]
+    (int), `row_offsets` [B+1] (int, starts at 0, non-decreasing, ends at nnz).
+    Same value and gradient as `mono_loss` on the equivalent sparse tensor.
+
+    TopK output `vals, idx = z.topk(k, dim=1)` (B rows, k each) maps to
+    `mono_loss_rows(x, vals.relu().reshape(-1), idx.reshape(-1),
+    torch.arange(0, B*k + 1, k), n_latents)`.
+    """
+    eps = _check_eps(eps)
+    e = as_tensor(embeddings, "embeddings")
+    check_2d_float(e, "embeddings")
+    if not isinstance(values, Tensor) or values.dim() != 1 or not values.dtype.is_floating_point:
+        raise InputError("values: expected a 1-D floating-point tensor")
+    if (
+        not isinstance(col_indices, Tensor)
+        or col_indices.dim() != 1
+        or col_indices.dtype.is_floating_point
+    ):
+        raise InputError("col_indices: expected a 1-D integer tensor")
+    if (
+        not isinstance(row_offsets, Tensor)
+        or row_offsets.dim() != 1
+        or row_offsets.dtype.is_floating_point
+    ):
+        raise InputError("row_offsets: expected a 1-D integer tensor")
+    m, nnz = int(n_latents), int(values.numel())
+    if m < 1:
+        raise InputError(f"n_latents: must be >= 1, got {n_latents}")
+    if col_indices.numel() != nnz:
+        raise InputError(f"values has {nnz} entries but col_indices has {col_indices.numel()}")
+    b = int(row_offsets.numel()) - 1
+    check_rows("embeddings", int(e.shape[0]), "row_offsets (minus one)", b)
+    crow = row_offsets.to(device=values.device, dtype=torch.int64)
+    counts = crow.diff()
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or (counts.numel() and int(counts.min()) < 0):
+        raise InputError(f"row_offsets: must start at 0, be non-decreasing and end at nnz={nnz}")
+    col = col_indices.to(device=values.device, dtype=torch.int64)
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= m):
+        raise InputError(f"col_indices: index out of range [0, {m})")
+    row = torch.repeat_interleave(torch.arange(b, device=col.device), counts, output_size=nnz)
+    ok = torch.isfinite(values.detach())
+    if not bool(ok.all()):
+        j = int(torch.nonzero(~ok)[0, 0])
+        what = "NaN" if bool(torch.isnan(values[j])) else "inf"
+        raise InputError(f"values: contains {what} at row {int(row[j])}")
+    h = unit_rows(e.to(values.device))
+    plan = _make_plan(row, col, crow, b, m, int(h.shape[1]), "col_indices")
+    return _sparse_loss(h, values, plan, eps, values.dtype)

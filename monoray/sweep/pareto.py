@@ -1,0 +1,219 @@
+"""The Pareto front of a sweep: table, plots, tags and registered SAEs.
+
+Optuna decides which trials are non-dominated (`Study.best_trials`, feasible
+ones only when the space has constraints); MLflow holds what a reviewer looks
+at: `pareto/pareto.csv`, the front as plotly HTML and PNG, the MonoScore
+profiles of the front, a `monoray.pareto` tag on each front trial, and each
+front SAE registered in the Model Registry as a version of `monoray-<sweep>`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import optuna
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from monoray.sweep.search import BASELINE_ATTR
+from monoray.sweep.tracking import PARETO_TAG, SweepRecords
+
+PROFILE_FILE = "monoscore_profile.json"
+
+
+@dataclass(frozen=True, slots=True)
+class ParetoReport:
+    metrics: list[str]
+    rows: list[dict[str, Any]]
+    csv_path: Path
+    html_path: Path
+    png_path: Path
+    registered_model: str
+
+    def table(self) -> str:
+        """The front as aligned plain text (also what `monoray pareto` prints)."""
+        if not self.rows:
+            return "(no completed trial: the Pareto front is empty)"
+        cols = list(self.rows[0])
+        cells = [[_fmt(row[c]) for c in cols] for row in self.rows]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Non-dominated completed trials (feasible ones, if constrained), in trial order."""
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def pareto_rows(
+    trials: list[optuna.trial.FrozenTrial], metrics: list[str], client: MlflowClient, runs: dict
+) -> list[dict[str, Any]]:
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"trial": t.number}
+        row.update({m: float(v) for m, v in zip(metrics, t.values, strict=True)})
+        run_id = runs.get(t.number)
+        if run_id is not None:
+            extra = client.get_run(run_id).data.metrics
+            for key in ("l0", "dead_fraction", "purity_binary"):
+                if key in extra and key not in row:
+                    row[key] = extra[key]
+        row.update(dict(sorted(t.params.items())))
+        if t.user_attrs.get(BASELINE_ATTR):
+            row["mono_coef"] = 0.0
+        row["baseline"] = bool(t.user_attrs.get(BASELINE_ATTR))
+        row["mlflow_run"] = run_id or ""
+        rows.append(row)
+    # Same columns for every row (conditional params may be missing in some).
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    return [{c: row.get(c, "") for c in columns} for row in rows]
+
+
+def publish_pareto(
+    study: optuna.Study, records: SweepRecords, *, out_dir: Path, sweep: str
+) -> ParetoReport:
+    """Compute the front and record it everywhere (idempotent: safe to run again)."""
+    metrics = list(study.metric_names or [f"objective_{i}" for i in range(len(study.directions))])
+    client = records.client
+    best = front(study)
+    rows = pareto_rows(best, metrics, client, records.runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    csv_path = out_dir / "pareto.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["trial", *metrics])
+        writer.writeheader()
+        writer.writerows(rows)
+    client.log_artifact(records.parent_run_id, str(csv_path), "pareto")
+
+    html_path, png_path = out_dir / "pareto_front.html", out_dir / "pareto_front.png"
+    if any(t.state == TrialState.COMPLETE for t in study.trials):
+        fig = optuna.visualization.plot_pareto_front(study, target_names=metrics)
+        fig.write_html(str(html_path), include_plotlyjs="cdn")
+        client.log_figure(records.parent_run_id, fig, "pareto/pareto_front.html")
+        mpl = pareto_png(study, metrics, best)
+        mpl.savefig(png_path, dpi=120)
+        client.log_figure(records.parent_run_id, mpl, "pareto/pareto_front.png")
+        plt.close(mpl)
+
+    for t in study.trials:
+        if t.number in records.runs:
+            on_front = any(b.number == t.number for b in best)
+            client.set_tag(records.runs[t.number], PARETO_TAG, str(on_front).lower())
+    profiles = {t.number: load_profile(client, records.runs.get(t.number)) for t in best}
+    profiles = {n: p for n, p in profiles.items() if p}
+    if profiles:
+        fig = profile_plot(profiles)
+        fig.savefig(out_dir / "pareto_profiles.png", dpi=120)
+        client.log_figure(records.parent_run_id, fig, "pareto/monoscore_profiles.png")
+        plt.close(fig)
+
+    model_name = f"monoray-{sweep}"
+    register_front(client, model_name, best, records.runs)
+    return ParetoReport(metrics, rows, csv_path, html_path, png_path, model_name)
+
+
+def pareto_png(
+    study: optuna.Study, metrics: list[str], best: list[optuna.trial.FrozenTrial]
+) -> plt.Figure:
+    """All completed trials, the front highlighted, the λ = 0 baseline marked."""
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [t.values[0] for t in done]
+    ys = [t.values[1] if len(t.values) > 1 else 0.0 for t in done]
+    ax.scatter(xs, ys, c="#b0b0b0", label="trials", zorder=1)
+    fb = sorted(best, key=lambda t: t.values[0])
+    ax.plot(
+        [t.values[0] for t in fb],
+        [t.values[1] if len(t.values) > 1 else 0.0 for t in fb],
+        "o-",
+        c="#d62728",
+        label="Pareto front",
+        zorder=2,
+    )
+    for t in done:
+        if t.user_attrs.get(BASELINE_ATTR):
+            ax.scatter(
+                [t.values[0]], [t.values[1]], marker="*", s=200, c="k", label="λ = 0", zorder=3
+            )
+    ax.set_xlabel(metrics[0])
+    ax.set_ylabel(metrics[1] if len(metrics) > 1 else "")
+    ax.set_title(f"{study.study_name}: {len(done)} trials, {len(best)} on the front")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def load_profile(client: MlflowClient, run_id: str | None) -> list[float] | None:
+    if run_id is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, f"checkpoint/{PROFILE_FILE}", tmp)
+        except (MlflowException, OSError):
+            return None
+        values = json.loads(Path(path).read_text())
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def profile_plot(profiles: dict[int, list[float]]) -> plt.Figure:
+    """Sorted per-latent MonoScore of each front trial (paper Fig. 26-28 style)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for number, values in sorted(profiles.items()):
+        ordered = sorted(values, reverse=True)
+        ax.plot(range(len(ordered)), ordered, label=f"trial {number}")
+    ax.set_xlabel("latent rank")
+    ax.set_ylabel("MonoScore")
+    ax.set_title("MonoScore profiles of the Pareto front")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def register_front(
+    client: MlflowClient, name: str, best: list[optuna.trial.FrozenTrial], runs: dict[int, str]
+) -> None:
+    """One model version per front trial, pointing at its checkpoint artifacts."""
+    try:
+        client.create_registered_model(name, description="Pareto-optimal SAEs of a monoray sweep")
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    existing = {v.run_id for v in client.search_model_versions(f"name = '{name}'")}
+    for t in best:
+        run_id = runs.get(t.number)
+        if run_id is None or run_id in existing:
+            continue
+        run = client.get_run(run_id)
+        if not client.list_artifacts(run_id, "checkpoint"):
+            continue
+        client.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/checkpoint",
+            run_id=run_id,
+            tags={"optuna_trial": str(t.number), "format": "safetensors+json"},
+            description=", ".join(f"{k}={v}" for k, v in sorted(t.params.items())),
+        )

@@ -1,0 +1,277 @@
+"""Run a sweep: Ray Tune + OptunaSearch over an RDB study, tracked in MLflow.
+
+    space (YAML) -> features (once, into the object store) -> Tuner(sae_trial,
+    MonorayOptunaSearch, MlflowTracker) -> Pareto front -> MLflow artifacts
+
+Resume (`--resume`) restores the Tune experiment, the searcher and the study;
+Optuna trials the driver handed out but Tune never saved go back to WAITING and
+are reused, MLflow runs are found again by Optuna trial number.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import ray
+from ray import tune
+
+from monoray.data import FeatureSplit, FeatureSplits, load_features
+from monoray.errors import InputError
+from monoray.sweep.pareto import ParetoReport, publish_pareto
+from monoray.sweep.paths import ProjectPaths
+from monoray.sweep.progress import SweepProgress
+from monoray.sweep.search import (
+    MonorayOptunaSearch,
+    fail_leftovers,
+    open_study,
+    release_orphans,
+    storage_for,
+)
+from monoray.sweep.space import Data, SweepSpace
+from monoray.sweep.tracking import MlflowTracker
+from monoray.sweep.trial import sae_trial, trial_params
+
+DRY_RUN_SAMPLES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SweepOptions:
+    """How and where to run a space (the CLI flags)."""
+
+    name: str | None = None
+    resume: bool = False
+    address: str | None = None
+    tracking_uri: str | None = None
+    storage: str | None = None
+    root: str | None = None
+    dry_run: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    name: str
+    study_name: str
+    storage_url: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    n_complete: int
+    n_failed: int
+    interrupted: bool
+    pareto: ParetoReport | None
+    ray_dir: Path
+
+
+def dry_run_space(space: SweepSpace) -> SweepSpace:
+    """Two trials, one epoch, a small subset: what would break on the cluster breaks here."""
+    subset = min(space.data.subset or DRY_RUN_SAMPLES, DRY_RUN_SAMPLES)
+    return replace(
+        space,
+        fixed={**space.fixed, "epochs": 1},
+        data=replace(space.data, subset=subset),
+        budget=replace(space.budget, num_samples=2, max_concurrent=1, max_failures=0),
+    )
+
+
+def load_splits(data: Data) -> FeatureSplits:
+    splits = load_features(data.features, val_source=data.val_features)
+    if data.subset is None:
+        return splits
+    n_val = max(2, data.subset // 4)
+    return replace(splits, train=_head(splits.train, data.subset), val=_head(splits.val, n_val))
+
+
+def _head(split: FeatureSplit, n: int) -> FeatureSplit:
+    n = min(n, len(split))
+    return FeatureSplit(
+        features=np.ascontiguousarray(split.features[:n]),
+        labels=None if split.labels is None else split.labels[:n],
+        ids=split.ids[:n],
+        images=None if split.images is None else split.images[:n],
+    )
+
+
+def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
+    """Fail before anything starts if the fixed params plus a sampled point do not build."""
+    from monoray.train.config import TrainConfig
+
+    sample = dict(space.fixed)
+    for p in space.search:
+        if p.type == "categorical":
+            sample.setdefault(p.name, p.choices[0])
+        elif p.type == "int":
+            sample.setdefault(p.name, int(p.low))
+        else:
+            sample.setdefault(p.name, p.low)
+    sample = {
+        k: v for k, v in sample.items() if not any(k == q.name and q.when for q in space.search)
+    }
+    try:
+        TrainConfig.from_dict({**sample, "d_in": splits.train.dim})
+    except InputError as err:
+        raise InputError(f"{space.path}: {err}") from None
+
+
+def check_resources(space: SweepSpace) -> None:
+    total = ray.cluster_resources()
+    for key, wanted in (("cpu", space.resources.cpu), ("gpu", space.resources.gpu)):
+        have = float(total.get(key.upper(), 0.0))
+        if wanted > have:
+            raise InputError(
+                f"{space.path}: resources.{key}: each trial asks for {wanted:g} {key.upper()} "
+                f"but the Ray cluster has {have:g}"
+            )
+
+
+def start_ray(address: str | None) -> None:
+    """Connect to `address` (or the job's cluster), else start a local Ray on 127.0.0.1."""
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    restrict_token_file()
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """`ray.init` for a new local cluster, tried twice.
+
+    On a loaded machine the raylet can give up waiting for its dashboard agent
+    (a hard-coded 15 s, ray-project/ray#65983); a second start usually works.
+    """
+    try:
+        ray.init(**kwargs)
+    except Exception:  # Ray raises a bare Exception on a node start-up timeout
+        ray.shutdown()
+        ray.init(**kwargs)
+
+
+def restrict_token_file() -> None:
+    """Ray writes ~/.ray/auth_token world-readable; the token is a credential."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
+
+
+def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
+    paths = ProjectPaths.resolve(opts.root)
+    name = opts.name or space.name
+    if opts.dry_run:
+        space = dry_run_space(space)
+        paths = ProjectPaths.resolve(tempfile.mkdtemp(prefix="monoray-dryrun-"))
+        name = f"dryrun-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths.ensure()
+    exp_dir = paths.ray_results / name
+    if opts.resume and not tune.Tuner.can_restore(str(exp_dir)):
+        raise InputError(f"--resume: no sweep named {name!r} under {paths.ray_results}")
+    if not opts.resume and exp_dir.exists():
+        raise InputError(
+            f"sweep {name!r} already exists in {paths.root}: pass --resume to continue it "
+            "or --name to start another"
+        )
+
+    splits = load_splits(space.data)
+    check_trial_config(space, splits)
+    storage_url = opts.storage or paths.optuna_url
+    tracking_uri = opts.tracking_uri or paths.tracking_uri
+    storage = storage_for(storage_url)
+    if not opts.resume and name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        raise InputError(f"study {name!r} already exists in {storage_url}: pass --resume or --name")
+
+    # A diverged trial reports no objectives; MonorayOptunaSearch marks it FAIL itself.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Snapshots after every epoch checkpoint are what make --resume exact; don't warn about them.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    start_ray(opts.address)
+    check_resources(space)
+    study = open_study(space, name, storage)
+    tracker = MlflowTracker(
+        tracking_uri,
+        name,
+        space=space.to_dict(),
+        metrics=space.metric_names,
+        artifact_root=paths.artifacts if opts.tracking_uri is None else None,
+    )
+    progress = SweepProgress(space.budget.num_samples, space.metric_names, enabled=opts.progress)
+    trainable = tune.with_resources(
+        tune.with_parameters(sae_trial, splits=splits),
+        {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
+    )
+
+    if opts.resume:
+        tracker.open_parent()
+        known = {t.trial_id for t in tune.ExperimentAnalysis(str(exp_dir)).trials}
+        release_orphans(study, storage, known)
+        tuner = tune.Tuner.restore(
+            str(exp_dir), trainable, resume_errored=True, param_space=dict(space.fixed)
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=dict(space.fixed),
+            tune_config=tune.TuneConfig(
+                search_alg=MonorayOptunaSearch(space, name, storage),
+                num_samples=space.budget.num_samples,
+                max_concurrent_trials=space.budget.max_concurrent,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(paths.ray_results),
+                callbacks=[tracker, progress],
+                failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    interrupted = len(grid) < space.budget.num_samples or any(
+        r.error is None and not r.metrics for r in grid
+    )
+    tracker.open_parent()  # the driver-side tracker (Tune ran a restored copy on resume)
+    study = optuna.load_study(study_name=name, storage=storage)
+    if not interrupted:
+        fail_leftovers(study, storage, "left RUNNING when the sweep ended")
+    states = [t.state for t in study.trials]
+    pareto = None
+    if not interrupted:
+        pareto = publish_pareto(study, tracker.records(), out_dir=paths.sweep_dir(name), sweep=name)
+        tracker.finish_parent("FINISHED")
+    else:
+        tracker.finish_parent("KILLED")
+    if opts.dry_run:
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            last = str(errors[0]).strip().splitlines()[-1]
+            raise InputError(f"dry run: a trial failed: {last}")
+    return SweepResult(
+        name=name,
+        study_name=name,
+        storage_url=storage_url,
+        tracking_uri=tracking_uri,
+        experiment_id=tracker.experiment_id,
+        parent_run_id=tracker.parent_run_id,
+        n_complete=sum(s == optuna.trial.TrialState.COMPLETE for s in states),
+        n_failed=sum(s == optuna.trial.TrialState.FAIL for s in states),
+        interrupted=interrupted,
+        pareto=pareto,
+        ray_dir=exp_dir,
+    )
+
+
+def describe(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+__all__ = ["SweepOptions", "SweepResult", "describe", "run_sweep", "trial_params"]

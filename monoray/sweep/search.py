@@ -1,0 +1,202 @@
+"""Optuna behind Ray Tune: samplers, the RDB study, and a searcher that never leaves zombies.
+
+`OptunaSearch` tells Optuna whatever the last result held; a NaN or a missing
+objective makes `tell` fail, the error is only logged, and the Optuna trial
+stays RUNNING forever. `MonorayOptunaSearch` tells FAIL instead, records
+constraint values before `tell`, and tags each Optuna trial with its Ray trial
+id (and each config with the Optuna trial number, which keys the MLflow run).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from monoray.sweep.space import Param, SweepSpace
+
+BASELINE_ATTR = "monoray_baseline"
+RAY_TRIAL_ATTR = "ray_trial_id"
+FAIL_ATTR = "fail_reason"
+TRIAL_KEY = "_optuna_trial"
+"""Config key carrying the Optuna trial number into the trial and the tracker."""
+
+
+def build_sampler(space: SweepSpace) -> optuna.samplers.BaseSampler:
+    """Constraints reach every sampler through `Trial.set_constraint` (Optuna 5)."""
+    s = space.sampler
+    match s.type:
+        case "tpe":
+            with warnings.catch_warnings():  # `group` is "experimental" since Optuna 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.samplers.TPESampler(
+                    seed=s.seed,
+                    multivariate=True,
+                    group=any(p.when for p in space.search),
+                    n_startup_trials=s.n_startup_trials,
+                )
+        case "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
+        case "gp":
+            return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        case "random":
+            return optuna.samplers.RandomSampler(seed=s.seed)
+    raise AssertionError(s.type)
+
+
+def storage_for(url: str) -> optuna.storages.RDBStorage:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # One writer (the Tune driver), but `monoray pareto` may read concurrently.
+        kwargs = {"connect_args": {"timeout": 60}}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def open_study(space: SweepSpace, name: str, storage: optuna.storages.RDBStorage) -> optuna.Study:
+    """Create (or load) the sweep's study and enqueue the λ = 0 baseline first."""
+    directions = ["maximize" if m == "max" else "minimize" for m in space.modes]
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=directions, load_if_exists=True
+    )
+    if list(study.directions) != [
+        optuna.study.StudyDirection.MAXIMIZE
+        if d == "maximize"
+        else optuna.study.StudyDirection.MINIMIZE
+        for d in directions
+    ]:
+        from monoray.errors import InputError
+
+        raise InputError(
+            f"study {name!r} in {storage.url} has other objectives; pick another --name"
+        )
+    if not study.metric_names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(space.metric_names)
+    if space.baseline.enabled and not study.trials:
+        study.enqueue_trial(dict(space.baseline.params), user_attrs={BASELINE_ATTR: True})
+    return study
+
+
+class DefineByRun:
+    """Optuna define-by-run space: conditional parameters and the λ = 0 baseline."""
+
+    def __init__(self, params: tuple[Param, ...]) -> None:
+        self.params = params
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        chosen: dict[str, Any] = {}
+        baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
+        for p in self.params:
+            if any(chosen.get(other) not in values for other, values in p.when):
+                continue
+            if baseline and p.name == "mono_coef":
+                continue  # the baseline has no λ at all, not λ at the bottom of the range
+            chosen[p.name] = _suggest(trial, p)
+        return {"mono_coef": 0.0} if baseline else {}
+
+
+def _suggest(trial: optuna.Trial, p: Param) -> Any:
+    match p.type:
+        case "categorical":
+            return trial.suggest_categorical(p.name, list(p.choices))
+        case "loguniform":
+            return trial.suggest_float(p.name, p.low, p.high, log=True)
+        case "uniform":
+            return trial.suggest_float(p.name, p.low, p.high)
+        case "int":
+            return trial.suggest_int(p.name, int(p.low), int(p.high), step=p.step or 1, log=p.log)
+    raise AssertionError(p.type)
+
+
+class MonorayOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that ends every Optuna trial COMPLETE with finite values, or FAIL."""
+
+    def __init__(self, space: SweepSpace, study_name: str, storage: optuna.storages.RDBStorage):
+        super().__init__(
+            space=DefineByRun(space.search),
+            metric=space.metric_names,
+            mode=space.modes,
+            sampler=build_sampler(space),
+            study_name=study_name,
+            storage=storage,
+        )
+        self._constraints = space.constraints
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        if config is None:
+            return None
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        return {**config, TRIAL_KEY: ot_trial.number}
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        reason = failure_reason(result, self.metric, error)
+        if reason is None:
+            assert result is not None
+            for c in self._constraints:
+                ot_trial.set_constraint(c.name, c.violation(float(result[c.metric])))
+            self._ot_study.tell(ot_trial, [float(result[m]) for m in self.metric])
+        else:
+            ot_trial.set_user_attr(FAIL_ATTR, reason)
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        self._completed_trials.add(trial_id)
+
+
+def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: bool) -> str | None:
+    """Why a finished trial cannot be told COMPLETE, or None if it can."""
+    if error:
+        return "trial raised an error (see the MLflow run / Ray logs)"
+    if not result:
+        return "trial reported nothing"
+    if result.get("diverged"):
+        return str(result.get("diverged_reason") or "training diverged (non-finite loss)")
+    for m in metrics:
+        value = result.get(m)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"objective {m} is {value!r}"
+    return None
+
+
+def release_orphans(
+    study: optuna.Study, storage: optuna.storages.RDBStorage, known: set[str]
+) -> int:
+    """Put RUNNING trials that Tune does not know back to WAITING (after a driver kill).
+
+    The driver can die after Optuna handed out a trial but before Tune saved it.
+    Optuna's `ask` reuses WAITING trials with their parameters, so the resumed
+    sweep runs them instead of creating extra trials: the study still ends with
+    exactly `num_samples` trials.
+    """
+    released = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(RAY_TRIAL_ATTR) not in known:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(
+                storage.get_study_id_from_name(study.study_name), t.number
+            )
+            storage.set_trial_state_values(trial_id, TrialState.WAITING)
+            released += 1
+    return released
+
+
+def fail_leftovers(study: optuna.Study, storage: optuna.storages.RDBStorage, reason: str) -> int:
+    """Mark trials still RUNNING after a finished sweep as FAIL (never leave zombies)."""
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(study.study_name), t.number
+        )
+        storage.set_trial_user_attr(trial_id, FAIL_ATTR, reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        count += 1
+    return count

@@ -1,0 +1,481 @@
+"""Search-space YAML: schema, validation and `--set` overrides.
+
+A space file says what a sweep trains (`kind`, `data`, `fixed`), what Optuna
+searches (`search`, optionally conditional on another parameter with `when`),
+what it optimises (`objectives`, `constraints`), how (`sampler`), how much
+(`budget`, `resources`) and whether a λ = 0 baseline runs first (`baseline`).
+The annotated reference is `search_spaces/demo.yaml`.
+
+Every error names the file, the key and what was expected, in one line.
+YAML is read with `yaml.safe_load`: a space cannot construct Python objects.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from monoray.errors import InputError
+
+Kind = Literal["sae", "finetune"]
+ParamType = Literal["loguniform", "uniform", "int", "categorical"]
+SamplerType = Literal["tpe", "nsga2", "gp", "random"]
+Mode = Literal["max", "min"]
+
+KINDS = ("sae", "finetune")
+PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+MODES = ("max", "min")
+DEFAULT_OBJECTIVES = (("r2", "max"), ("monoscore_mean", "max"))
+# Metrics a trial reports (val split, last epoch) that objectives/constraints may name.
+SAE_METRICS = (
+    "r2",
+    "explained_variance",
+    "l0",
+    "dead_fraction",
+    "monoscore_mean",
+    "monoscore_mean_active",
+    "monoscore_median",
+    "purity_binary",
+    "purity_weighted",
+)
+FINETUNE_METRICS = ("accuracy", "top5", "monoscore_mean", "monoscore_mean_active", "purity_binary")
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One searched parameter."""
+
+    name: str
+    type: ParamType
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+    step: int | None = None
+    """Step for `int` parameters (None = 1)."""
+    log: bool = False
+    """Sample `int` parameters on a log scale."""
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    """Only suggested when every named parameter has one of these values."""
+
+
+@dataclass(frozen=True, slots=True)
+class Objective:
+    metric: str
+    mode: Mode
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """A feasibility bound `metric op bound`, handed to Optuna's constraints_func."""
+
+    metric: str
+    op: Literal["<=", ">="]
+    bound: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+    def violation(self, value: float) -> float:
+        """Optuna convention: <= 0 means satisfied."""
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+
+@dataclass(frozen=True, slots=True)
+class Sampler:
+    type: SamplerType = "tpe"
+    seed: int = 42
+    population_size: int = 8
+    """NSGA-II population (Optuna's default of 50 is too big for small budgets)."""
+    n_startup_trials: int = 4
+    """Random trials before TPE / GP model the objectives."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    num_samples: int = 8
+    max_concurrent: int = 2
+    max_failures: int = 3
+    """Retries of a trial after a crash (each resumes from its last checkpoint)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+    """Fractional GPUs are logical: trials share the device, Ray does not partition it."""
+    workers: int = 0
+    """Ray Train workers per trial (finetune); 0 runs the trial in-process."""
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    enabled: bool = True
+    """Enqueue a λ = 0 trial first so the front always shows what MonoLoss buys."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Values for searched parameters in the baseline trial; the rest are sampled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    features: str = "digits"
+    """`digits`, a `.npz` file or a feature-store directory (relative to the space file)."""
+    val_features: str | None = None
+    subset: int | None = None
+    """Use only the first N training samples (dry runs, smoke tests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSpace:
+    path: Path
+    name: str
+    kind: Kind
+    data: Data
+    fixed: dict[str, Any]
+    search: tuple[Param, ...]
+    objectives: tuple[Objective, ...]
+    constraints: tuple[Constraint, ...]
+    sampler: Sampler
+    budget: Budget
+    resources: Resources
+    baseline: Baseline
+    description: str = ""
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        return [o.mode for o in self.objectives]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space as plain data (logged to MLflow and stored with the sweep)."""
+        from dataclasses import asdict
+
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+TOP_KEYS = {
+    "name",
+    "description",
+    "kind",
+    "data",
+    "fixed",
+    "search",
+    "objectives",
+    "constraints",
+    "sampler",
+    "budget",
+    "resources",
+    "baseline",
+}
+
+
+class _Reader:
+    """Validates one mapping of the YAML, naming file and key path in errors."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+
+    def fail(self, key: str, expected: str, got: Any = None) -> InputError:
+        shown = "" if got is None else f", got {got!r}"
+        return InputError(f"{self.file}: {key}: expected {expected}{shown}")
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, "a mapping", value)
+        for k in value:
+            if k not in allowed:
+                raise InputError(
+                    f"{self.file}: {key}.{k}: unknown key (expected one of {', '.join(sorted(allowed))})"
+                )
+        return value
+
+    def number(self, value: Any, key: str, *, positive: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, "a number", value)
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise self.fail(
+                key, "a finite positive number" if positive else "a finite number", value
+            )
+        return float(value)
+
+    def integer(self, value: Any, key: str, *, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(key, f"an integer >= {minimum}", value)
+        return value
+
+    def choice(self, value: Any, key: str, options: tuple[str, ...]) -> Any:
+        if value not in options:
+            raise self.fail(key, f"one of {', '.join(options)}", value)
+        return value
+
+
+def _coerce_number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` as a string; accept it as the number it obviously is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _param(r: _Reader, name: str, raw: Any) -> Param:
+    key = f"search.{name}"
+    raw = r.mapping(raw, key, {"type", "low", "high", "choices", "step", "log", "when"})
+    if "type" not in raw:
+        raise r.fail(f"{key}.type", f"one of {', '.join(PARAM_TYPES)}")
+    kind = r.choice(raw["type"], f"{key}.type", PARAM_TYPES)
+    when = tuple(
+        (str(other), tuple(v) if isinstance(v, list) else (v,))
+        for other, v in r.mapping(
+            raw.get("when"), f"{key}.when", set(raw.get("when") or {})
+        ).items()
+    )
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise r.fail(f"{key}.choices", "a non-empty list", choices)
+        for extra in ("low", "high", "step", "log"):
+            if extra in raw:
+                raise r.fail(f"{key}.{extra}", "no bounds on a categorical parameter")
+        return Param(name, kind, choices=tuple(_coerce_number(c) for c in choices), when=when)
+    if "choices" in raw:
+        raise r.fail(f"{key}.choices", f"no choices on a {kind} parameter")
+    for bound in ("low", "high"):
+        if bound not in raw:
+            raise r.fail(f"{key}.{bound}", "a number")
+    low = r.number(_coerce_number(raw["low"]), f"{key}.low", positive=kind == "loguniform")
+    high = r.number(_coerce_number(raw["high"]), f"{key}.high", positive=kind == "loguniform")
+    if not low < high:
+        raise r.fail(f"{key}", f"low < high, got low={low:g} high={high:g}")
+    step = None
+    log = bool(raw.get("log", False))
+    if kind == "int":
+        if low != int(low) or high != int(high):
+            raise r.fail(key, "integer low and high", (raw["low"], raw["high"]))
+        if log and low < 1:
+            raise r.fail(f"{key}.low", "an integer >= 1 when log: true", raw["low"])
+        step = r.integer(raw.get("step", 1), f"{key}.step", minimum=1)
+    elif "step" in raw or "log" in raw:
+        raise r.fail(key, f"no step/log on a {kind} parameter (use loguniform for log scale)")
+    return Param(name, kind, low=low, high=high, step=step, log=log, when=when)
+
+
+def _constraint(r: _Reader, index: int, raw: Any, metrics: tuple[str, ...]) -> Constraint:
+    key = f"constraints[{index}]"
+    match = _CONSTRAINT.match(raw) if isinstance(raw, str) else None
+    if not match:
+        raise r.fail(key, "a string like 'dead_fraction <= 0.2'", raw)
+    metric, op, bound = match.groups()
+    if metric not in metrics:
+        raise r.fail(key, f"a metric among {', '.join(metrics)}", metric)
+    return Constraint(metric, op, float(bound))  # type: ignore[arg-type]
+
+
+def _objectives(r: _Reader, raw: Any, metrics: tuple[str, ...]) -> tuple[Objective, ...]:
+    if raw is None:
+        return tuple(Objective(m, mode) for m, mode in DEFAULT_OBJECTIVES)  # type: ignore[arg-type]
+    if not isinstance(raw, list) or not raw:
+        raise r.fail("objectives", "a non-empty list of {metric, mode}", raw)
+    out = []
+    for i, item in enumerate(raw):
+        item = r.mapping(item, f"objectives[{i}]", {"metric", "mode"})
+        metric = r.choice(item.get("metric"), f"objectives[{i}].metric", metrics)
+        mode = r.choice(item.get("mode", "max"), f"objectives[{i}].mode", MODES)
+        out.append(Objective(metric, mode))
+    if len({o.metric for o in out}) != len(out):
+        raise r.fail("objectives", "distinct metrics")
+    return tuple(out)
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str], file: Path) -> dict[str, Any]:
+    """Apply `--set a.b=value` overrides (values parsed as YAML; `null` removes the key)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. budget.num_samples=4")
+        parts = key.strip().split(".")
+        node = doc
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise InputError(f"--set {key}: {file}: {part} is not a mapping")
+            node = child
+        value = yaml.safe_load(text)
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return doc
+
+
+def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpace:
+    """Read, override and validate a space file. Raises `InputError` on any problem."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{file}: search space file not found")
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"{file}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    r = _Reader(file)
+    doc = r.mapping(doc, "(top level)", TOP_KEYS)
+    doc = apply_overrides(dict(doc), overrides or [], file)
+    r.mapping(doc, "(top level)", TOP_KEYS)
+
+    kind = r.choice(doc.get("kind", "sae"), "kind", KINDS)
+    metrics = SAE_METRICS if kind == "sae" else FINETUNE_METRICS
+    name = doc.get("name") or file.stem
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise r.fail("name", "letters, digits, '.', '_' or '-'", name)
+
+    data_raw = r.mapping(doc.get("data"), "data", {"features", "val_features", "subset"})
+    features = data_raw.get("features", "digits")
+    if not isinstance(features, str) or not features:
+        raise r.fail("data.features", "'digits' or a path", features)
+    val_features = data_raw.get("val_features")
+    if val_features is not None and not isinstance(val_features, str):
+        raise r.fail("data.val_features", "a path", val_features)
+    subset = data_raw.get("subset")
+    if subset is not None:
+        subset = r.integer(subset, "data.subset", minimum=2)
+    data = Data(
+        features=_resolve_data_path(features, file),
+        val_features=_resolve_data_path(val_features, file) if val_features else None,
+        subset=subset,
+    )
+
+    fixed = r.mapping(doc.get("fixed"), "fixed", set(doc.get("fixed") or {}))
+    fixed = {k: _coerce_number(v) for k, v in fixed.items()}
+    search_raw = r.mapping(doc.get("search"), "search", set(doc.get("search") or {}))
+    search = tuple(_param(r, str(n), v) for n, v in search_raw.items())
+    names = [p.name for p in search]
+    for p in search:
+        if p.name in fixed:
+            raise r.fail(f"search.{p.name}", "a parameter that is not also in fixed")
+        for other, _ in p.when:
+            if other not in names[: names.index(p.name)]:
+                raise r.fail(
+                    f"search.{p.name}.when.{other}", "a searched parameter listed above it"
+                )
+
+    objectives = _objectives(r, doc.get("objectives"), metrics)
+    constraints_raw = doc.get("constraints") or []
+    if not isinstance(constraints_raw, list):
+        raise r.fail(
+            "constraints", "a list of strings like 'dead_fraction <= 0.2'", constraints_raw
+        )
+    constraints = tuple(_constraint(r, i, c, metrics) for i, c in enumerate(constraints_raw))
+
+    s = r.mapping(
+        doc.get("sampler"), "sampler", {"type", "seed", "population_size", "n_startup_trials"}
+    )
+    sampler = Sampler(
+        type=r.choice(s.get("type", "tpe"), "sampler.type", SAMPLERS),
+        seed=r.integer(s.get("seed", 42), "sampler.seed", minimum=0),
+        population_size=r.integer(
+            s.get("population_size", 8), "sampler.population_size", minimum=2
+        ),
+        n_startup_trials=r.integer(
+            s.get("n_startup_trials", 4), "sampler.n_startup_trials", minimum=0
+        ),
+    )
+    b = r.mapping(doc.get("budget"), "budget", {"num_samples", "max_concurrent", "max_failures"})
+    budget = Budget(
+        num_samples=r.integer(b.get("num_samples", 8), "budget.num_samples", minimum=1),
+        max_concurrent=r.integer(b.get("max_concurrent", 2), "budget.max_concurrent", minimum=1),
+        max_failures=r.integer(b.get("max_failures", 3), "budget.max_failures", minimum=0),
+    )
+    res = r.mapping(doc.get("resources"), "resources", {"cpu", "gpu", "workers"})
+    resources = Resources(
+        cpu=r.number(res.get("cpu", 1), "resources.cpu", positive=True),
+        gpu=_non_negative(r, res.get("gpu", 0), "resources.gpu"),
+        workers=r.integer(res.get("workers", 0), "resources.workers", minimum=0),
+    )
+    base = doc.get("baseline", True)
+    if isinstance(base, bool):
+        baseline = Baseline(enabled=base)
+    else:
+        base = r.mapping(base, "baseline", {"enabled", "params"})
+        params = r.mapping(base.get("params"), "baseline.params", set(names))
+        for pname, value in params.items():
+            _check_baseline_value(r, next(p for p in search if p.name == pname), value)
+        baseline = Baseline(enabled=bool(base.get("enabled", True)), params=dict(params))
+    if baseline.enabled and "mono_coef" in fixed:
+        raise r.fail("baseline", "false when mono_coef is fixed (the baseline sets mono_coef = 0)")
+
+    description = doc.get("description") or ""
+    space = SweepSpace(
+        path=file.resolve(),
+        name=name,
+        kind=kind,
+        data=data,
+        fixed=fixed,
+        search=search,
+        objectives=objectives,
+        constraints=constraints,
+        sampler=sampler,
+        budget=budget,
+        resources=resources,
+        baseline=baseline,
+        description=str(description),
+    )
+    _check_trial_keys(space)
+    return space
+
+
+def _non_negative(r: _Reader, value: Any, key: str) -> float:
+    value = r.number(value, key)
+    if value < 0:
+        raise r.fail(key, "a number >= 0", value)
+    return value
+
+
+def _check_baseline_value(r: _Reader, p: Param, value: Any) -> None:
+    key = f"baseline.params.{p.name}"
+    if p.type == "categorical":
+        if value not in p.choices:
+            raise r.fail(key, f"one of {list(p.choices)}", value)
+        return
+    value = r.number(_coerce_number(value), key)
+    assert p.low is not None and p.high is not None
+    if not p.low <= value <= p.high:
+        raise r.fail(key, f"a value in [{p.low:g}, {p.high:g}]", value)
+
+
+def _resolve_data_path(value: str, file: Path) -> str:
+    if value == "digits" or Path(value).is_absolute():
+        return value
+    return str((file.parent / value).resolve())
+
+
+def _check_trial_keys(space: SweepSpace) -> None:
+    """Fixed and searched names must be keys the trial's config accepts."""
+    from monoray.sweep.trial import config_keys
+
+    allowed = config_keys(space.kind)
+    for where, names in (("fixed", space.fixed), ("search", [p.name for p in space.search])):
+        for name in names:
+            if name not in allowed:
+                raise InputError(
+                    f"{space.path}: {where}.{name}: unknown {space.kind} trial parameter "
+                    f"(expected one of {', '.join(sorted(allowed))})"
+                )

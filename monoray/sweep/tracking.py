@@ -1,0 +1,246 @@
+"""MLflow records of a sweep, written by one process: the Tune driver.
+
+Trials never talk to MLflow. A Tune `Callback` in the driver creates one
+experiment per sweep, a parent run, and one nested run per trial, keyed by the
+trial's Optuna number so retries and `--resume` reuse the run instead of
+duplicating it. SQLite then has a single writer, and nothing depends on the
+MLFLOW_EXPERIMENT_ID environment variable (which Ray's own callback prefers
+over the experiment name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray.tune import Callback
+
+from monoray.sweep.search import TRIAL_KEY, failure_reason
+
+SWEEP_TAG = "monoray.sweep"
+ROLE_TAG = "monoray.role"
+TRIAL_TAG = "monoray.optuna_trial"
+RAY_TRIAL_TAG = "monoray.ray_trial_id"
+PARETO_TAG = "monoray.pareto"
+ERROR_TAG = "monoray.error"
+# Result keys that are bookkeeping, not metrics.
+_NOT_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid"}
+_MAX_PARAM = 6000
+
+
+def experiment_name(sweep: str) -> str:
+    return f"monoray/{sweep}"
+
+
+def open_experiment(client: MlflowClient, sweep: str, artifact_root: Path | None) -> str:
+    name = experiment_name(sweep)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = (artifact_root / sweep).as_uri() if artifact_root else None
+    return client.create_experiment(name, artifact_location=location, tags={SWEEP_TAG: sweep})
+
+
+def find_parent(client: MlflowClient, experiment_id: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def trial_runs(client: MlflowClient, experiment_id: str) -> list[Any]:
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'", max_results=50_000
+    )
+
+
+def flat_params(config: dict[str, Any]) -> list[Param]:
+    return [
+        Param(str(k), json.dumps(v) if not isinstance(v, str) else v[:_MAX_PARAM])
+        for k, v in sorted(config.items())
+        if not str(k).startswith("_")
+    ]
+
+
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The finite numeric values of a Tune result (profiles and strings stay out)."""
+    out = {}
+    for key, value in result.items():
+        if key in _NOT_METRICS or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class MlflowTracker(Callback):
+    """Tune callback: the only MLflow writer of a sweep."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        sweep: str,
+        *,
+        space: dict[str, Any],
+        metrics: list[str],
+        artifact_root: Path | None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.sweep = sweep
+        self.space = space
+        self.metrics = metrics
+        self.artifact_root = artifact_root
+        self._runs: dict[int, str] = {}
+        self._last_epoch: dict[int, int] = {}
+        self.experiment_id = ""
+        self.parent_run_id = ""
+
+    # Tune pickles callbacks with the experiment; the client is rebuilt on setup.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_client", None)
+        state["_runs"], state["_last_epoch"] = {}, {}
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if getattr(self, "_client", None) is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def setup(self, **info: Any) -> None:
+        self.open_parent()
+
+    def open_parent(self) -> str:
+        """Create the sweep's experiment and parent run, or reopen them on resume."""
+        self.experiment_id = open_experiment(self.client, self.sweep, self.artifact_root)
+        parent = find_parent(self.client, self.experiment_id)
+        if parent is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.sweep,
+                tags={SWEEP_TAG: self.sweep, ROLE_TAG: "parent"},
+            )
+            parent = run.info.run_id
+            self.client.log_dict(parent, self.space, "space.json")
+            self.client.log_batch(
+                parent,
+                params=[
+                    Param("objectives", ",".join(self.metrics)),
+                    Param("space_file", str(self.space.get("path", ""))),
+                ],
+            )
+        else:
+            self.client.update_run(parent, status="RUNNING")
+        self.parent_run_id = parent
+        for run in trial_runs(self.client, self.experiment_id):
+            number = int(run.data.tags[TRIAL_TAG])
+            self._runs[number] = run.info.run_id
+            self._last_epoch[number] = int(run.data.metrics.get("epoch", 0))
+        return parent
+
+    def run_for(self, trial: Any) -> str:
+        number = int(trial.config[TRIAL_KEY])
+        run_id = self._runs.get(number)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                tags={
+                    MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                    MLFLOW_RUN_NAME: f"trial-{number:04d}",
+                    SWEEP_TAG: self.sweep,
+                    ROLE_TAG: "trial",
+                    TRIAL_TAG: str(number),
+                    RAY_TRIAL_TAG: trial.trial_id,
+                },
+            )
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=flat_params(trial.config))
+            self._runs[number] = run_id
+            self._last_epoch[number] = 0
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_for(trial)
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, RAY_TRIAL_TAG, trial.trial_id)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        number = int(trial.config[TRIAL_KEY])
+        run_id = self.run_for(trial)
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        if epoch <= self._last_epoch.get(number, 0):
+            return  # already logged before a retry or a resume: never duplicate
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, epoch) for k, v in numeric_metrics(result).items()]
+        self.client.log_batch(run_id, metrics=metrics)
+        self._last_epoch[number] = epoch
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_for(trial)
+        result = trial.last_result or {}
+        reason = failure_reason(result, self.metrics, error=False)
+        if trial.checkpoint is not None and trial.checkpoint.path:
+            self.log_checkpoint(run_id, trial.checkpoint)
+        if reason is None:
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        else:
+            self.fail(run_id, reason)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_for(trial)
+        message = "trial raised an error"
+        if trial.error_file and Path(trial.error_file).is_file():
+            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+            message = lines[-1][:500] if lines else message
+        self.fail(run_id, message)
+
+    def fail(self, run_id: str, reason: str) -> None:
+        self.client.set_tag(run_id, ERROR_TAG, reason[:5000])
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    def log_checkpoint(self, run_id: str, checkpoint: Any) -> None:
+        with checkpoint.as_directory() as path:
+            self.client.log_artifacts(run_id, path, "checkpoint")
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status)
+
+    def records(self) -> SweepRecords:
+        return SweepRecords(self.client, self.experiment_id, self.parent_run_id, dict(self._runs))
+
+
+class SweepRecords:
+    """A sweep's MLflow records, read back: for `monoray pareto` and after a run."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, runs: dict):
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.runs: dict[int, str] = runs
+
+    @classmethod
+    def load(cls, tracking_uri: str, sweep: str) -> SweepRecords:
+        from monoray.errors import InputError
+
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name(sweep))
+        parent = find_parent(client, experiment.experiment_id) if experiment else None
+        if experiment is None or parent is None:
+            raise InputError(f"no MLflow records of sweep {sweep!r} in {tracking_uri}")
+        runs = {
+            int(r.data.tags[TRIAL_TAG]): r.info.run_id
+            for r in trial_runs(client, experiment.experiment_id)
+        }
+        return cls(client, experiment.experiment_id, parent, runs)

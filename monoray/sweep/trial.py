@@ -1,0 +1,80 @@
+"""The Tune function trial: one SAE training run, reported epoch by epoch.
+
+This is a thin adapter: `monoray.train.train_sae` does the work (the same
+function `monoray train` runs locally); here we only translate between Tune
+(config, checkpoints, `tune.report`) and the trainer. The feature splits come
+through `tune.with_parameters`, i.e. from Ray's object store, put there once by
+the driver and shared zero-copy by every trial on a node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from monoray.data import FeatureSplits
+from monoray.errors import InputError
+from monoray.sweep.search import TRIAL_KEY
+
+
+def config_keys(kind: str) -> set[str]:
+    """Parameter names a trial of this kind accepts in `fixed` and `search`."""
+    if kind == "sae":
+        from monoray.train.config import TrainConfig
+
+        return set(TrainConfig.allowed_keys())
+    raise InputError(f"kind: {kind!r} trials are not available in this version (use kind: sae)")
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The training parameters of a Tune config (monoray's bookkeeping keys removed)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
+    """Tune function trainable: train, report every epoch with its checkpoint."""
+    from monoray.train import DivergedError, TrainConfig, train_sae
+
+    cfg = TrainConfig.from_dict({**trial_params(config), "d_in": splits.train.dim})
+    work = Path(tempfile.mkdtemp(prefix=f"monoray-trial-{config.get(TRIAL_KEY, 'x')}-"))
+    resume_from, resumed_epoch = None, 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        # Retry after a crash: continue from the last epoch Tune persisted.
+        resume_from = Path(checkpoint.to_directory(str(work / "restored")))
+        resumed_epoch = int(json.loads((resume_from / "checkpoint.json").read_text())["epoch"])
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        report = {k: v for k, v in metrics.items() if _reportable(v)}
+        report["epoch"] = epoch
+        report["resumed_from_epoch"] = resumed_epoch
+        profile = metrics.get("monoscore_profile")
+        if profile is not None:
+            (checkpoint_dir / "monoscore_profile.json").write_text(json.dumps(list(profile)))
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    try:
+        train_sae(
+            cfg,
+            splits,
+            out_dir=work / "run",
+            resume_from=resume_from,
+            on_epoch=on_epoch,
+            progress=False,
+        )
+    except DivergedError as err:
+        # A finished result without objectives: the searcher tells Optuna FAIL and the
+        # tracker marks the MLflow run FAILED; Tune does not retry a diverged trial.
+        tune.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _reportable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

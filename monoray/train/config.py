@@ -1,0 +1,165 @@
+"""`TrainConfig`: the SAE config plus everything about optimisation, as one frozen record.
+
+A run's config travels flat (`{"arch": "batchtopk", "k": 32, "lr": 1e-4, ...}`):
+that is what the CLI, YAML search spaces, Ray Tune and checkpoints hold.
+`from_dict` builds the nested config from it and rejects unknown keys; `to_dict`
+is its inverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from monoray.errors import InputError
+from monoray.sae import SAEConfig, config_from_dict, config_to_dict
+
+NORMALIZE = ("unit", "none")
+"""Input normalisations: "unit" scales each sample to unit L2 norm (the paper's setting)."""
+
+DEFAULT_SEED = 42
+"""The paper's seed."""
+
+DERIVED_KEYS = ("expansion",)
+"""Flat keys that are not fields but set one: `expansion` sets `d_sae = expansion * d_in`."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """One SAE training run: architecture (`sae`) and optimisation. Defaults follow the paper."""
+
+    sae: SAEConfig
+    """Architecture and loss: arch, d_in, d_sae, k, mono_coef, ... (see `monoray.sae`)."""
+    lr: float = 1e-4
+    """Adam learning rate (constant, no schedule)."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Max global L2 norm of the gradient per step; 0 disables clipping."""
+    epochs: int = 50
+    """Passes over the train split."""
+    batch_size: int = 2048
+    """Training batch size in samples (the last batch of an epoch may be smaller)."""
+    seed: int = DEFAULT_SEED
+    """Seeds the model init and, with the epoch number, every epoch's shuffle and sampling."""
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N"."""
+    normalize: str = "unit"
+    """Input normalisation before the SAE ("unit" or "none"); MonoScore embeddings stay raw."""
+    eval_batch_size: int = 4096
+    """Batch size of the per-epoch validation pass (results do not depend on it)."""
+
+    # --- flat view -----------------------------------------------------------
+    @classmethod
+    def own_keys(cls) -> tuple[str, ...]:
+        """Optimisation keys (everything but the nested SAE config)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "sae")
+
+    @staticmethod
+    def sae_keys() -> tuple[str, ...]:
+        """Keys of the nested `SAEConfig`."""
+        return tuple(f.name for f in dataclasses.fields(SAEConfig))
+
+    @classmethod
+    def allowed_keys(cls) -> tuple[str, ...]:
+        """Every flat key `from_dict` accepts (`seed` is shared by both parts)."""
+        extra = tuple(k for k in DERIVED_KEYS if k not in cls.sae_keys())
+        sae = tuple(k for k in cls.sae_keys() if k not in cls.own_keys())
+        return sae + cls.own_keys() + extra
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict: SAE fields and optimisation fields side by side."""
+        d = config_to_dict(self.sae)
+        d.update({k: getattr(self, k) for k in self.own_keys()})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from flat keys; any problem is one `InputError` naming the key.
+
+        `d_in` (the feature width) is required. `expansion` may stand in for
+        `d_sae` (`d_sae = expansion * d_in`); giving both requires they agree.
+        """
+        allowed = cls.allowed_keys()
+        for key in d:
+            if key not in allowed:
+                near = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise InputError(f"unknown config key {key!r}{hint}")
+        d = {k: v for k, v in d.items() if v is not None}
+        sae_fields = set(cls.sae_keys())
+        if "d_in" not in d:
+            raise InputError("config needs d_in (the feature width)")
+        own_hints = typing.get_type_hints(cls)
+        own = {k: _coerce(k, v, own_hints[k]) for k, v in d.items() if k in cls.own_keys()}
+        sae_kwargs = {k: v for k, v in d.items() if k in sae_fields}
+        # One seed per run: it seeds the SAE's init too.
+        sae_kwargs["seed"] = own.get("seed", DEFAULT_SEED)
+        if "expansion" in d and "expansion" not in sae_fields:
+            expansion = _coerce("expansion", d["expansion"], float)
+            d_in = _coerce("d_in", d["d_in"], int)
+            if expansion <= 0:
+                raise InputError(f"expansion must be > 0, got {expansion}")
+            d_sae = round(expansion * d_in)
+            if "d_sae" in sae_kwargs and _coerce("d_sae", sae_kwargs["d_sae"], int) != d_sae:
+                raise InputError(
+                    f"d_sae {sae_kwargs['d_sae']} and expansion {expansion} disagree "
+                    f"(expansion * d_in = {d_sae}); give one of them"
+                )
+            sae_kwargs["d_sae"] = d_sae
+        sae = config_from_dict(sae_kwargs)
+        cfg = cls(sae=sae, **own)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Range checks of the optimisation fields (`from_dict` calls this)."""
+        positive = {"lr": self.lr, "adam_eps": self.adam_eps, "epochs": self.epochs}
+        positive |= {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
+        for key, value in positive.items():
+            if not value > 0:
+                raise InputError(f"{key} must be > 0, got {value}")
+        if self.grad_clip < 0:
+            raise InputError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.normalize not in NORMALIZE:
+            raise InputError(
+                f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
+            )
+        dev = self.device
+        if not (
+            dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
+        ):
+            raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with flat keys changed (validated like `from_dict`)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Make YAML/Tune values (numpy scalars, 1e-4 as str, 3.0 for an int) the field's type."""
+    base = {int, float, str, bool}
+    types = [t for t in typing.get_args(hint) or (hint,) if t in base]
+    if not types or value is None:
+        return value
+    t = types[0]
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if t is int:
+            f = float(value)
+            if f != int(f):
+                raise ValueError(value)
+            return int(f)
+        return t(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{key} must be {t.__name__}, got {value!r}") from None

@@ -1,0 +1,279 @@
+"""`train_sae`: the one training loop, shared by `monoray train`, Tune trials and Train workers.
+
+Per epoch: shuffle with a generator seeded by (seed, epoch), take Adam steps
+with grad-norm clipping around the SAE's `before/after_optimizer_step` hooks,
+evaluate the val split in one pass, checkpoint, then call `on_epoch`. Every
+random choice of epoch e derives from (seed, e), so resuming from the
+checkpoint of epoch e reproduces the uninterrupted run exactly (on CPU).
+No Ray imports here: reporting to Tune is the caller's `on_epoch`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monoray.data import FeatureSplits
+from monoray.data.store import atomic_write_bytes
+from monoray.data.validate import check_dim
+from monoray.errors import InputError
+from monoray.sae import build_sae
+from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
+from monoray.train.config import TrainConfig
+from monoray.train.evaluate import EvalResult, as_tensor, evaluate, normalize_inputs
+
+log = logging.getLogger(__name__)
+
+OnEpoch = Callable[[int, dict[str, Any], Path], None]
+"""`on_epoch(epoch, metrics, checkpoint_dir)`, called after each epoch's checkpoint is written."""
+
+METRICS_FILE = "metrics.json"
+PROFILE_FILE = "monoscore_profile.png"
+RESUME_MAY_DIFFER = ("epochs", "device", "eval_batch_size")
+"""Config keys a resumed run may change (nothing else may differ from the checkpoint's)."""
+ON_DEVICE_BYTES = 1 << 30
+"""Train splits held in memory and smaller than this are copied to the device once."""
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or inf; the message names the epoch and step."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> CUDA if available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of everything random in epoch `epoch` (1-based) of a run seeded `seed`."""
+    return (seed * 1_000_003 + epoch) % (2**63 - 1)
+
+
+class _Batches:
+    """Gathers shuffled training batches as float32 tensors on the device."""
+
+    def __init__(self, features: Any, device: torch.device) -> None:
+        self.n = int(features.shape[0])
+        self.device = device
+        self._host = features
+        self._on_device: torch.Tensor | None = None
+        in_memory = isinstance(features, np.ndarray) and not isinstance(features, np.memmap)
+        if in_memory and features.nbytes <= ON_DEVICE_BYTES:
+            self._on_device = as_tensor(np.ascontiguousarray(features, np.float32)).to(device)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.sort(idx).values  # a batch is a set; sorted rows read memory maps in order
+        if self._on_device is not None:
+            return self._on_device[idx.to(self.device)]
+        rows = as_tensor(self._host[idx.numpy()], np.float32)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
+    show = sys.stderr.isatty() if enabled is None else enabled
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    for key in sorted(set(now) | set(ckpt.config)):
+        if key in RESUME_MAY_DIFFER:
+            continue
+        if now.get(key) != ckpt.config.get(key):
+            raise InputError(
+                f"{ckpt.path}/: cannot resume: the checkpoint has {key}={ckpt.config.get(key)!r}, "
+                f"this run {key}={now.get(key)!r}"
+            )
+
+
+def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def write_outputs(out_dir: Path, metrics: dict[str, float], result: EvalResult | None) -> None:
+    """Write `metrics.json` (NaN/inf as null) and, given a result, the MonoScore profile PNG."""
+    atomic_write_bytes(
+        out_dir / METRICS_FILE,
+        json.dumps(_json_metrics(metrics), indent=1, sort_keys=True).encode(),
+    )
+    if result is not None:
+        from monoray.plots import plot_monoscore_profile
+
+        plot_monoscore_profile(result.monoscore, out_dir / PROFILE_FILE)
+
+
+def train_sae(
+    cfg: TrainConfig,
+    splits: FeatureSplits,
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    on_epoch: OnEpoch | None = None,
+    progress: bool | None = None,
+    keep_checkpoints: int = 2,
+) -> dict[str, float]:
+    """Train an SAE on `splits.train`, evaluating `splits.val` after every epoch.
+
+    Writes `out_dir/checkpoints/epoch-NNNN/` every epoch (the last
+    `keep_checkpoints` are kept), and at the end `out_dir/metrics.json` and
+    `out_dir/monoscore_profile.png`. `resume=True` continues from the newest
+    intact checkpoint in `out_dir` (a fresh start when there is none);
+    `resume_from` names a checkpoint directory to continue from instead (e.g.
+    one Ray Tune restored). `progress`: None shows a bar only when stderr is a
+    terminal. Returns the final epoch's metrics: train loss terms
+    (`train_*`) and val metrics (`r2`, `explained_variance`, `l0`,
+    `dead_fraction`, `monoscore_*`, `purity_*`). Raises `DivergedError` if
+    the loss becomes NaN/inf, `InputError` for bad inputs.
+    """
+    out_dir = Path(out_dir)
+    where = splits.source.features if splits.source is not None else "features"
+    check_dim(splits.train.dim, cfg.sae.d_in, where=where)
+    check_dim(splits.val.dim, cfg.sae.d_in, where=where)
+    if len(splits.train) == 0 or len(splits.val) == 0:
+        raise InputError(
+            f"{where}: the {'train' if len(splits.train) == 0 else 'val'} split is empty"
+        )
+    device = resolve_device(cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    sae = build_sae(cfg.sae).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    start, step, history = 0, 0, []
+    last_eval: EvalResult | None = None
+    ckpt = None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        if ckpt is None:
+            raise InputError(f"{resume_from}: no checkpoint to resume from")
+    elif resume:
+        ckpt = load_checkpoint(out_dir / CHECKPOINTS)
+        if ckpt is None:
+            log.info("no checkpoint in %s; starting from scratch", out_dir)
+    data_record = splits.source.to_dict() if splits.source is not None else None
+    if ckpt is not None:
+        _check_resume(ckpt, cfg)
+        if ckpt.data is not None and data_record is not None and ckpt.data != data_record:
+            raise InputError(
+                f"{ckpt.path}/: cannot resume: the checkpoint was trained on "
+                f"{ckpt.data['features']}, this run uses {data_record['features']} "
+                "(or a different split)"
+            )
+        sae.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        start, step, history = ckpt.epoch, ckpt.step, list(ckpt.history)
+        log.info("resuming from %s (epoch %d, step %d)", ckpt.path, start, step)
+
+    batches = _Batches(splits.train.features, device)
+    n, bs = batches.n, cfg.batch_size
+    steps_per_epoch = math.ceil(n / bs)
+    bar = _progress_bar(cfg.epochs * steps_per_epoch, start * steps_per_epoch, progress)
+    try:
+        for epoch in range(start + 1, cfg.epochs + 1):
+            generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # in-model sampling (e.g. resampling)
+            perm = torch.randperm(n, generator=generator)
+            sae.train()
+            sums: dict[str, torch.Tensor] = {}
+            first_bad = torch.full((), -1, dtype=torch.long, device=device)
+            for b in range(steps_per_epoch):
+                x_raw = batches.get(perm[b * bs : (b + 1) * bs])
+                x = normalize_inputs(x_raw, cfg.normalize)
+                out = sae.forward_train(x, x_raw)
+                loss = out.loss.loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                sae.before_optimizer_step()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+                optimizer.step()
+                sae.after_optimizer_step(optimizer)
+                step += 1
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+                for key, value in out.loss.metrics().items():
+                    v = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64)
+                    sums[key] = sums[key] + v if key in sums else v
+                if bar is not None:
+                    bar.update(1)
+            # One host sync per epoch: the summed loss terms and the first bad step together.
+            keys = list(sums)
+            packed = torch.stack([*(sums[k] for k in keys), first_bad.to(torch.float64)]).cpu()
+            bad_step = int(packed[-1])
+            if bad_step >= 0:
+                raise DivergedError(
+                    f"loss became NaN/inf at epoch {epoch}, step {bad_step} "
+                    f"(arch {cfg.sae.arch}, lr {cfg.lr:g})"
+                )
+            train = {
+                f"train_{k}": v / steps_per_epoch
+                for k, v in zip(keys, packed[:-1].tolist(), strict=True)
+            }
+            try:
+                last_eval = evaluate(
+                    sae,
+                    splits.val,
+                    batch_size=cfg.eval_batch_size,
+                    device=device,
+                    normalize=cfg.normalize,
+                )
+            except InputError as err:  # the data was validated on load: the model's output is bad
+                raise DivergedError(
+                    f"evaluation after epoch {epoch} (step {step}) failed: {err}"
+                ) from None
+            metrics = {**train, **last_eval.metrics, "epoch": float(epoch), "step": float(step)}
+            history.append(metrics)
+            ckpt_dir = save_checkpoint(
+                out_dir / CHECKPOINTS,
+                epoch=epoch,
+                step=step,
+                config=cfg.to_dict(),
+                model_state=sae.state_dict(),
+                optimizer_state=optimizer.state_dict(),
+                history=history,
+                eval_tensors=last_eval.tensors(),
+                data=data_record,
+                keep=keep_checkpoints,
+            )
+            if bar is not None:
+                bar.set_postfix(
+                    epoch=epoch,
+                    loss=f"{train.get('train_loss', float('nan')):.4g}",
+                    r2=f"{metrics['r2']:.3f}",
+                    ms=f"{metrics['monoscore_mean']:.3f}",
+                )
+            if on_epoch is not None:
+                on_epoch(
+                    epoch, {**metrics, "monoscore_profile": last_eval.profile().tolist()}, ckpt_dir
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if not history:
+        raise InputError(f"{out_dir}/: nothing to train (epochs={cfg.epochs})")
+    final = history[-1]
+    if last_eval is None and ckpt is not None and "monoscore" in ckpt.eval_tensors:
+        last_eval = EvalResult.from_tensors(final, ckpt.eval_tensors)
+    write_outputs(out_dir, final, last_eval)
+    return final
