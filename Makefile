@@ -8,7 +8,7 @@ RUN := $(UV) run --frozen --no-sync
 
 setup:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --quiet --compile-bytecode  # PYTHONDONTWRITEBYTECODE=1 machines: precompile once
 
 demo: setup
 	$(RUN) monoray sweep search_spaces/demo.yaml --name demo-$$(date +%Y%m%d-%H%M%S)

@@ -149,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         for key, _ in COLUMNS:
             cells.append(f"{fmt(m1[key])} ({m1[key] - m0[key]:+.3f})")
         lines.append(f"| {arch} | **{lam:g}** | " + " | ".join(cells) + " |")
+    summary = []
+    for arch, m0, lam, m1 in rows:
+        if lam == 0:
+            summary.append(
+                f"- {arch}: no λ in the grid kept tune R² within the limit; λ = 0 stays."
+            )
+            continue
+        ds, dp, dr = (m1[k] - m0[k] for k in ("monoscore_mean", "purity_binary", "r2"))
+        verdict = "meets" if ds > 0 and dp > 0 and -dr < args.max_r2_drop else "misses"
+        summary.append(
+            f"- {arch} (λ = {lam:g}): MonoScore {ds:+.3f}, binary purity {dp:+.3f}, "
+            f"R² {dr:+.3f} — {verdict} the criterion (both up, R² drop < {args.max_r2_drop})."
+        )
     cfg_text = ", ".join(f"{k}={v}" for k, v in base.items() if k != "device")
     doc = [
         "# MonoLoss on digits: λ = 0 vs tuned λ, every architecture",
@@ -170,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         "## Validation metrics",
         "",
         *lines,
+        "",
+        *summary,
+        "",
+        "![BatchTopK val MonoScore profile, λ = 0 vs tuned](digits_profile_batchtopk.png)",
         "",
         "R²: mean over pixels of 1 - SS_res/SS_tot (the paper's); EV: one global ratio (SAELens); "
         "L0: active latents per sample; dead: share of latents that never fire on val; "

@@ -17,6 +17,7 @@ COMMANDS = {
     "sweep": "monoray.sweep.cli",
     "pareto": "monoray.sweep.pareto_cli",
     "ui": "monoray.sweep.ui_cli",
+    "extract": "monoray.extract.cli",
 }
 
 

@@ -71,7 +71,7 @@ def test_ray_job_submit_runs_the_demo_sweep(ray_head, tmp_path: Path) -> None:
     address, env = ray_head
     root = tmp_path / "runs"
     env = {**env, "RAY_ADDRESS": address}
-    sets = ["fixed.d_sae=64", "fixed.epochs=1", "budget.num_samples=2"]
+    sets = ["fixed.d_sae=64", "fixed.epochs=1", "fixed.batch_size=128", "budget.num_samples=2"]
     cmd = [
         str(REPO / "jobs" / "submit.sh"),
         "search_spaces/demo.yaml",

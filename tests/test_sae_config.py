@@ -58,6 +58,12 @@ def test_invalid_values_name_the_field(changes: dict, field: str) -> None:
         SAEConfig(**kwargs)
 
 
+def test_k_only_binds_the_topk_family() -> None:
+    assert SAEConfig(arch="vanilla", d_in=4, d_sae=8).k == 64  # k unused: no error
+    with pytest.raises(InputError, match="k 64 is larger than d_sae 8"):
+        SAEConfig(arch="matryoshka", d_in=4, d_sae=8)
+
+
 def test_from_dict_rejects_unknown_key_listing_allowed() -> None:
     with pytest.raises(InputError, match=r"'kk'.*allowed:.*d_sae.*mono_coef"):
         config_from_dict({"arch": "topk", "d_in": 8, "kk": 3})

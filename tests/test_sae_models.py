@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -228,10 +227,8 @@ def test_mono_coef_zero_skips_monoloss(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("MonoLoss computed")
 
-    fake = types.ModuleType("monoray.metrics")
-    fake.mono_loss = fake.mono_loss_rows = boom  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "monoray.metrics", fake)
-    monkeypatch.setattr("monoray.metrics", fake, raising=False)
+    fake = types.SimpleNamespace(mono_loss=boom, mono_loss_rows=boom)
+    monkeypatch.setattr("monoray.sae.base.metrics", fake)
     x, emb = batch()
     for arch in ARCH_NAMES:
         for impl in ("sparse", "dense"):

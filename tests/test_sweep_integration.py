@@ -24,7 +24,7 @@ from monoray.sweep.tracking import ERROR_TAG, PARETO_TAG, SweepRecords
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).parents[1]
 DEMO = REPO / "search_spaces" / "demo.yaml"
-SMALL = ["fixed.d_sae=64", "fixed.epochs=2", "budget.max_concurrent=2"]
+SMALL = ["fixed.d_sae=64", "fixed.epochs=2", "fixed.batch_size=128", "budget.max_concurrent=2"]
 
 
 def small_space(*extra: str, num_samples: int = 4):
@@ -172,7 +172,6 @@ def _sweep_cmd(root: Path, *extra: str) -> list[str]:
         str(DEMO),
         "--root",
         str(root),
-        "--quiet",
         *sets,
         *extra,
     ]

@@ -126,10 +126,10 @@ def test_checkpoint_round_trip_and_eval_changes_nothing(
     after = sae.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sae.training and torch.equal(rng, torch.get_rng_state())
-    # And the result does not depend on the evaluation batch size.
+    # And the result does not depend on the evaluation batch size (up to float32 GEMM rounding).
     small = evaluate(sae, digits.val, batch_size=7, device="cpu", collect=[0, 5])
     for key in VAL_KEYS:
-        assert small.metrics[key] == pytest.approx(result.metrics[key], rel=1e-9, abs=1e-12)
+        assert small.metrics[key] == pytest.approx(result.metrics[key], rel=1e-5, abs=1e-9)
     dense = sae.encode(
         torch.nn.functional.normalize(torch.from_numpy(digits.val.features))
     ).to_dense()
@@ -171,3 +171,35 @@ def test_dimension_mismatch_is_an_input_error(digits: FeatureSplits, tmp_path: P
     cfg = TrainConfig.from_dict({"arch": "topk", "d_in": 768, "d_sae": 32, "k": 4})
     with pytest.raises(InputError, match="digits: dim 54 does not match the config's d_in 768"):
         train_sae(cfg, digits, out_dir=tmp_path)
+
+
+def test_a_sharded_float16_store_trains_like_the_same_data_in_memory(
+    digits: FeatureSplits, tmp_path: Path
+) -> None:
+    from monoray.data import FeatureSplit, FeatureStoreWriter, ShardedArray
+
+    x = digits.train.features.astype(np.float16)
+    for name, split in (("train", digits.train), ("val", digits.val)):
+        with FeatureStoreWriter(
+            tmp_path / "store" / name,
+            encoder="digits-pixels",
+            dim=54,
+            has_labels=True,
+            shard_rows=500,
+        ) as w:
+            w.append(split.features, split.ids, split.labels)
+    store = load_features(tmp_path / "store")
+    assert isinstance(store.train.features, ShardedArray)  # 3 memory-mapped shards
+    in_memory = FeatureSplits(
+        train=FeatureSplit(x.astype(np.float32), digits.train.labels, digits.train.ids),
+        val=FeatureSplit(
+            digits.val.features.astype(np.float16).astype(np.float32),
+            digits.val.labels,
+            digits.val.ids,
+        ),
+        header=store.header,
+    )
+    cfg = _cfg(digits, arch="topk", epochs=2)
+    a = train_sae(cfg, store, out_dir=tmp_path / "a", progress=False)
+    b = train_sae(cfg, in_memory, out_dir=tmp_path / "b", progress=False)
+    assert a == b

@@ -12,8 +12,11 @@ for bit. Pipeline::
       .iter_rows()                                  streamed, in order (preserve_order)
 
 Decoded pixels travel padded to `batch_size` rows, so tensor columns keep one
-shape. The driver holds the listing (paths and labels), never the images or
-all features: Ray Data streams with backpressure.
+shape. With GPU actors, decode tasks and encoder actors are separate operators;
+on a CPU-only cluster they have the same resources and Ray fuses decoding into
+the encoder actors (unless `decode_tasks` caps the decode stage). The driver
+holds the listing (paths and labels), never the images or all features: Ray
+Data streams with backpressure.
 
 On a cluster, every node needs the images and the weight file at the same
 paths, and `monoray` importable (e.g. a `runtime_env`).
@@ -70,20 +73,20 @@ def connect(opts: RayOptions) -> RayOptions:
 
     if opts.workers < 1:
         raise InputError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.decode_tasks is not None and opts.decode_tasks < 1:
+        raise InputError(f"--decode-tasks must be >= 1, got {opts.decode_tasks}")
+    if opts.cpus_per_worker <= 0 or opts.decode_cpus <= 0:
+        raise InputError("--cpus-per-worker and decode CPUs must be > 0")
+    if opts.gpus_per_worker is not None and opts.gpus_per_worker < 0:
+        raise InputError(f"--gpus-per-worker must be >= 0, got {opts.gpus_per_worker}")
     if not ray.is_initialized():
         ray.init(address=opts.address, include_dashboard=False, log_to_driver=False)
-    total = ray.cluster_resources()
+    have = ray.cluster_resources().get("GPU", 0)
     gpus = opts.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if total.get("GPU", 0) >= 1 else 0.0
-    if opts.decode_tasks is not None and opts.decode_tasks < 1:
-        raise InputError(f"decode_tasks must be >= 1, got {opts.decode_tasks}")
-    if gpus < 0 or opts.cpus_per_worker <= 0 or opts.decode_cpus <= 0:
-        raise InputError("--gpus-per-worker must be >= 0 and CPU requests > 0")
-    if gpus > 0 and total.get("GPU", 0) < gpus:
-        raise InputError(
-            f"an encoder worker needs {gpus:g} GPU but the Ray cluster has {total.get('GPU', 0):g}"
-        )
+        gpus = 1.0 if have >= 1 else 0.0
+    if gpus > 0 and have < gpus:
+        raise InputError(f"an encoder worker needs {gpus:g} GPU but the Ray cluster has {have:g}")
     return dataclasses.replace(opts, gpus_per_worker=gpus)
 
 

@@ -112,6 +112,7 @@ class ImageFolderSource:
     root: Path
     """The folder; its subfolders are the classes."""
     kind: str = field(default="imagefolder", init=False)
+    """Source kind, recorded in the store header."""
 
     def listing(self) -> Listing:
         root = self.root
@@ -160,6 +161,7 @@ class TableSource:
     image_root: Path
     """Folder that relative image paths are resolved against."""
     kind: str = field(default="table", init=False)
+    """Source kind, recorded in the store header."""
 
     def listing(self) -> Listing:
         table = _read_table(self.path)
@@ -281,6 +283,7 @@ class CifarSource:
     split: str = "train"
     """"train" or "test"."""
     kind: str = field(default="cifar", init=False)
+    """Source kind, recorded in the store header."""
 
     @property
     def variant(self) -> str:
@@ -353,6 +356,7 @@ class DigitsSource:
     """scikit-learn's bundled digits (offline), as 8x8 RGB images; ids = row numbers."""
 
     kind: str = field(default="digits", init=False)
+    """Source kind, recorded in the store header."""
 
     def listing(self) -> Listing:
         from sklearn.datasets import load_digits

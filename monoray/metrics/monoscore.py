@@ -410,8 +410,8 @@ def monoscore_pairwise(embeddings: object, activations: object, *, block: int = 
 
     Outer loop over anchor samples n; the partners m > n are processed in
     blocks of `block` rows: cosine similarities `h_m·h_n`, the element-wise
-    products `ã_m ⊙ ã_n` of every pair, and their (similarity-weighted) sums
-    into the numerator and denominator. The zero-denominator rule is the one
+    products `ã_m ⊙ ã_n` of every pair, and their similarity-weighted and
+    plain sums into the numerator and denominator (one small GEMM per block). The zero-denominator rule is the one
     shared with the linear paths. For tests and speed comparisons only.
     """
     e, a = _validated(embeddings, activations)
@@ -425,16 +425,18 @@ def monoscore_pairwise(embeddings: object, activations: object, *, block: int = 
         spread = r > 0
         rs = torch.where(spread, r, torch.ones_like(r))
         at = (a - mn) / rs  # exactly 0 on constant latents
-        num = torch.zeros(m, dtype=_F64, device=a.device)
-        den = torch.zeros(m, dtype=_F64, device=a.device)
+        acc = torch.zeros(2, m, dtype=_F64, device=a.device)  # rows: numerator, denominator
         buf = torch.empty(min(block, n_rows), m, dtype=_F64, device=a.device)
+        weights = torch.ones(2, min(block, n_rows), dtype=_F64, device=a.device)
         for i in range(n_rows - 1):
             hi, ai = h[i], at[i]
             for j in range(i + 1, n_rows, block):
                 k = min(j + block, n_rows)
                 prod = torch.mul(at[j:k], ai, out=buf[: k - j])  # ã_m ⊙ ã_n, one row per pair
-                num.addmv_(prod.T, h[j:k] @ hi)  # Σ_m s_nm (ã_m ⊙ ã_n)
-                den += prod.sum(0)
+                w = weights[:, : k - j]
+                torch.mv(h[j:k], hi, out=w[0])  # s_nm = h_m·h_n
+                acc.addmm_(w, prod)  # [Σ_m s_nm ã_m ã_n ; Σ_m ã_m ã_n] in one pass over prod
+        num, den = acc[0], acc[1]
         scores, _ = finish_scores(num, den, at.sum(0), mn, rs, spread, float(n_rows))
     return scores
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from monoray import metrics
 from monoray.sae.config import SAEConfig
 from monoray.sae.sparse import (
     Pattern,
@@ -190,8 +191,6 @@ class SparseAutoencoder(nn.Module):
         """MonoLoss of the batch, or None (not computed at all) when mono_coef is 0."""
         if self.cfg.mono_coef == 0:
             return None
-        from monoray import metrics
-
         emb = embeddings.detach()
         eps = self.cfg.mono_eps
         if isinstance(latents, Tensor):

@@ -68,8 +68,10 @@ class SAEConfig:
     """matryoshka: increasing prefix sizes ending at d_sae; None means
     (d_sae // 16, d_sae // 4, d_sae). The loss sums the reconstruction error of every prefix."""
     impl: Impl = "auto"
-    """"sparse" (gather/scatter over firing latents), "dense" (plain autograd) or "auto":
-    sparse on CPU, dense on CUDA; jumprelu/vanilla pick sparse per batch when few latents fire."""
+    """"sparse" (work only where latents fire), "dense" (plain autograd reference) or "auto":
+    on CPU the TopK family runs sparse and jumprelu/vanilla pick sparse per batch when at most
+    5% of the latents fire; on CUDA auto is dense (a guess, not measured: GEMMs are cheap
+    there and the sparse path syncs the host). Both give the same loss and gradients."""
     seed: int = 42
     """Seeds the weight initialisation."""
     schema_version: int = SCHEMA_VERSION
@@ -88,7 +90,7 @@ class SAEConfig:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("dead_reinit_steps", self.dead_reinit_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
-        if self.k > self.d_sae:
+        if self.arch in TOPK_FAMILY and self.k > self.d_sae:
             raise InputError(f"k {self.k} is larger than d_sae {self.d_sae}")
         for name in ("mono_coef", "l1_coef", "jumprelu_sparsity_coef", "aux_coef"):
             _check_float(name, getattr(self, name), minimum=0.0)

@@ -9,7 +9,7 @@ entries, so a step costs one GEMM plus O(nnz * d_in) instead of five GEMMs:
 - grad W_enc = Gᵀ (x - b_dec)    (an embedding bag over the transposed pattern)
 - grad b_dec = -colsum(G) @ W_enc (a vector-matrix product, not G @ W_enc)
 - grad W_dec = Aᵀ grad_recon      (same transposed pattern, computed once)
-- grad values = rows of grad_recon · rows of W_dec at the pattern (sampled GEMM)
+- grad values = rows of grad_recon · rows of W_dec at the pattern (a sampled GEMM)
 """
 
 from __future__ import annotations
@@ -167,14 +167,28 @@ class Pattern:
 
         An embedding bag over Aᵀ's rows: on CPU it runs ~2x faster than a CSR SpMM.
         """
+        perm, offsets, rows_t = self._transposed()
+        return _embedding_bag(values[perm], dense, rows_t, offsets)
+
+    def sampled_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """[nnz] a[row_e] · b[col_e] for a [n_rows, k] and b [n_cols, k] (a sampled GEMM).
+
+        Run over Aᵀ's rows, so each row of b is read once: ~1.6x faster on CPU.
+        """
+        perm, offsets, rows_t = self._transposed()
+        mask = _csr(offsets, rows_t, b.new_zeros(self.nnz), (self.n_cols, self.n_rows))
+        dots_t = torch.sparse.sampled_addmm(mask, b, a.t(), beta=0.0).values()
+        return torch.empty_like(dots_t).index_copy_(0, perm, dots_t)
+
+    def _transposed(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(perm, row offsets, column indices) of Aᵀ in CSR: Aᵀ's entries are A's at perm."""
         if self._transpose is None:
             perm = torch.argsort(self.cols, stable=True)
             counts = torch.bincount(self.cols, minlength=self.n_cols)
             offsets = torch.zeros(self.n_cols + 1, dtype=torch.int64, device=perm.device)
             torch.cumsum(counts, 0, out=offsets[1:])
             self._transpose = (perm, offsets, self.rows[perm])
-        perm, offsets, rows_t = self._transpose
-        return _embedding_bag(values[perm], dense, rows_t, offsets)
+        return self._transpose
 
 
 class _EncodeAt(torch.autograd.Function):
@@ -232,9 +246,7 @@ class _DecodeAt(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_values = grad_w = None
         if ctx.needs_input_grad[0]:
-            mask = p.csr(values.new_zeros(p.nnz))
-            grad_values = torch.sparse.sampled_addmm(mask, grad_out, w_dec.t(), beta=0.0)
-            grad_values = grad_values.values()
+            grad_values = p.sampled_dot(grad_out, w_dec)
         if ctx.needs_input_grad[1]:
             grad_w = p.matmul_t(values.contiguous(), grad_out)
         return grad_values, grad_w, None

@@ -126,6 +126,7 @@ class MonorayOptunaSearch(OptunaSearch):
             storage=storage,
         )
         self._constraints = space.constraints
+        self._rdb = storage
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = super().suggest(trial_id)
@@ -141,6 +142,10 @@ class MonorayOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        self._completed_trials.add(trial_id)
+        if self._stored_state(ot_trial.number).is_finished():
+            # Told before the driver died, re-run by Tune from an older snapshot.
+            return
         reason = failure_reason(result, self.metric, error)
         if reason is None:
             assert result is not None
@@ -150,7 +155,12 @@ class MonorayOptunaSearch(OptunaSearch):
         else:
             ot_trial.set_user_attr(FAIL_ATTR, reason)
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-        self._completed_trials.add(trial_id)
+
+    def _stored_state(self, number: int) -> TrialState:
+        storage = self._rdb
+        study_id = storage.get_study_id_from_name(self._ot_study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        return storage.get_trial(trial_id).state
 
 
 def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: bool) -> str | None:

@@ -189,9 +189,8 @@ def run(args: argparse.Namespace) -> int:
             data = dict(ckpt.data or data)
     if args.config is not None:
         flat.update(read_config_file(args.config))
-    flat.update(
-        {k: getattr(args, k) for k in TrainConfig.allowed_keys() if getattr(args, k) is not None}
-    )
+    given = {k: getattr(args, k, None) for k in TrainConfig.allowed_keys()}
+    flat.update({k: v for k, v in given.items() if v is not None})
     if args.features is not None:
         data = {"features": args.features, "val_features": args.val_features}
         data |= {"seed": args.split_seed, "val_fraction": args.val_fraction}

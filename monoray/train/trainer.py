@@ -83,13 +83,45 @@ class _Batches:
         return rows.to(self.device, non_blocking=True)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
-    show = sys.stderr.isatty() if enabled is None else enabled
-    if not show:
-        return None
-    from tqdm.auto import tqdm
+class _Progress:
+    """A rich progress bar on stderr (rich is a declared dependency; nothing per step but a
+    counter increment, drawn by rich's refresh thread)."""
 
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
+    def __init__(self, total: int, done: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=Console(stderr=True),
+        )
+        self._task = self._bar.add_task("train", total=total, completed=done, status="")
+        self._bar.start()
+
+    def step(self) -> None:
+        self._bar.advance(self._task)
+
+    def status(self, text: str) -> None:
+        self._bar.update(self._task, status=text)
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+def _progress_bar(total: int, done: int, enabled: bool | None) -> _Progress | None:
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return _Progress(total, done) if show else None
 
 
 def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
@@ -215,7 +247,7 @@ def train_sae(
                     v = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64)
                     sums[key] = sums[key] + v if key in sums else v
                 if bar is not None:
-                    bar.update(1)
+                    bar.step()
             # One host sync per epoch: the summed loss terms and the first bad step together.
             keys = list(sums)
             packed = torch.stack([*(sums[k] for k in keys), first_bad.to(torch.float64)]).cpu()
@@ -256,11 +288,9 @@ def train_sae(
                 keep=keep_checkpoints,
             )
             if bar is not None:
-                bar.set_postfix(
-                    epoch=epoch,
-                    loss=f"{train.get('train_loss', float('nan')):.4g}",
-                    r2=f"{metrics['r2']:.3f}",
-                    ms=f"{metrics['monoscore_mean']:.3f}",
+                bar.status(
+                    f"ep {epoch} loss {train.get('train_loss', float('nan')):.3g} "
+                    f"r2 {metrics['r2']:.3f} ms {metrics['monoscore_mean']:.3f}"
                 )
             if on_epoch is not None:
                 on_epoch(
