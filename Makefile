@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(PYTHON) -m uv
 RUN := $(UV) run --frozen --no-sync
+# Ray (>= 2.43) sees `uv run` in the driver's ancestry and restarts every worker with
+# `uv run` in a copy of the working dir, which has no venv: keep workers on this venv.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: setup demo ui test test-all lint format bench
 

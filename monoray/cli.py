@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module that defines add_parser/run
@@ -47,6 +48,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from monoray.errors import InputError
+
+    # Before Ray is imported: under `uv run`, Ray would restart workers with `uv run` in a
+    # copy of the working dir (no venv there). Workers must use this interpreter.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)

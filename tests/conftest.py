@@ -18,6 +18,9 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# `make test` runs pytest under `uv run`; Ray must not re-launch workers through uv.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 
 @pytest.fixture(scope="session")
 def ray_session():

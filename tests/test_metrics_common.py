@@ -64,13 +64,18 @@ def cases(draw, max_n: int = 20, max_m: int = 6, max_d: int = 5, min_n: int = 1)
 
 
 def as_layout(a: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same activations as dense, COO (uncoalesced, shuffled entries) or CSR."""
+    """The same activations as dense, COO (uncoalesced: shuffled, or rows in order) or CSR."""
     if layout == "dense":
         return a
     if layout == "coo":
         idx = torch.nonzero(a).T
         perm = torch.randperm(idx.shape[1])
         idx = idx[:, perm]
+        return torch.sparse_coo_tensor(idx, a[idx[0], idx[1]], a.shape)
+    if layout == "coo_rows":  # uncoalesced, rows in order, columns shuffled (TopK style)
+        idx = torch.nonzero(a)
+        key = idx[:, 0].to(torch.float64) + 0.5 * torch.rand(idx.shape[0], dtype=torch.float64)
+        idx = idx[torch.argsort(key)].T
         return torch.sparse_coo_tensor(idx, a[idx[0], idx[1]], a.shape)
     if layout == "csr":
         return a.to_sparse_csr()

@@ -55,7 +55,7 @@ def test_hand_example_all_paths() -> None:
     torch.testing.assert_close(res.denominator[4], torch.tensor(1.25, dtype=torch.float64), **TOL)
 
 
-@given(cases(), st.sampled_from(["dense", "coo", "csr"]))
+@given(cases(), st.sampled_from(["dense", "coo", "coo_rows", "csr"]))
 def test_linear_and_sparse_equal_pairwise(case, layout) -> None:
     ref = monoscore_pairwise(case.embeddings, case.activations)
     got = monoscore(case.embeddings, as_layout(case.activations, layout))
@@ -77,7 +77,7 @@ def test_accumulator_any_split_any_merge_order(case, data) -> None:
         MonoScoreAccumulator(d, m, chunk_rows=3, sparse_chunk_rows=2) for _ in range(n_shards)
     ]
     for lo, hi in itertools.pairwise(bounds):
-        layout = data.draw(st.sampled_from(["dense", "coo", "csr"]))
+        layout = data.draw(st.sampled_from(["dense", "coo", "coo_rows", "csr"]))
         shard = shards[data.draw(st.integers(0, n_shards - 1))]
         shard.update(e[lo:hi], as_layout(a[lo:hi], layout))
     order = data.draw(st.permutations(range(n_shards)))
@@ -95,6 +95,25 @@ def test_float32_activations_match_their_float64_values(case) -> None:
     torch.testing.assert_close(
         monoscore(case.embeddings, a32), monoscore(case.embeddings, case.activations), **TOL
     )
+
+
+def test_uncoalesced_coo_duplicates_are_summed() -> None:
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    a = (torch.randint(-2, 5, (12, 5), generator=g).to(torch.float64)).relu()
+    idx = torch.nonzero(a)
+    vals = a[idx[:, 0], idx[:, 1]]
+    dup = idx[::3]  # split every third entry into two stored parts, rows kept in order
+    parts = torch.cat([idx, dup])
+    order = torch.sort(parts[:, 0], stable=True).indices
+    v = torch.cat([vals, torch.full((dup.shape[0],), 0.25, dtype=torch.float64)])
+    v[: idx.shape[0]][::3] -= 0.25
+    coo = torch.sparse_coo_tensor(parts[order].T, v[order], a.shape)
+    assert not coo.is_coalesced()
+    ref = monoscore_pairwise(e, a)
+    torch.testing.assert_close(monoscore(e, coo), ref, **TOL)
+    acc = MonoScoreAccumulator(3, 5, sparse_chunk_rows=4).update(e, coo)
+    torch.testing.assert_close(acc.compute(), ref, **TOL)
 
 
 def test_n_equals_one_and_two() -> None:
@@ -138,7 +157,9 @@ def test_summary_and_profile() -> None:
     assert s.mean_active == pytest.approx((R2 + 2 * g) / 4)
     assert s.median == pytest.approx(0.0)
     assert s.median_active == pytest.approx((g + 0.0) / 2)
-    assert monoscore_summary(res.scores).n_active == 3  # default: active = score != 0
+    default = monoscore_summary(torch.tensor([0.5, 0.0, -0.25, 0.0, 0.0]))  # active: score != 0
+    assert default.n_active == 2 and default.mean_active == pytest.approx(0.125)
+    assert default.mean_all == pytest.approx(0.05) and default.median == 0.0
     assert set(s.as_dict()) >= {"monoscore_mean", "monoscore_mean_active"}
     x, y = monoscore_profile(res.scores)
     assert torch.equal(y, torch.sort(res.scores, descending=True).values)

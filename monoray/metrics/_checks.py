@@ -93,15 +93,15 @@ def check_cols(name: str, cols: int, expected: int, what: str) -> None:
         raise InputError(f"{name} has {cols} columns but {what}={expected}")
 
 
-def unit_rows(embeddings: Tensor, name: str = "embeddings") -> Tensor:
-    """float64 `h_n = E_n / ||E_n||`; raises on non-finite values or zero-norm rows.
+def inv_row_norms(embeddings: Tensor, name: str = "embeddings") -> Tensor:
+    """float64 `1 / ||E_n||` per row [N, 1]; raises on non-finite values or zero-norm rows.
 
     The row norms double as the finiteness check: a row's norm is finite and
     positive iff all its entries are finite and not all zero (barring overflow
-    beyond 1e154, reported as inf).
+    beyond 1e154, reported as such).
     """
-    e = embeddings.detach().to(torch.float64)
-    norms = torch.linalg.vector_norm(e, dim=1, keepdim=True)
+    e = embeddings.detach()
+    norms = torch.linalg.vector_norm(e, dim=1, keepdim=True, dtype=torch.float64)
     ok = torch.isfinite(norms) & (norms > 0)
     if not bool(ok.all()):
         row = int(torch.nonzero(~ok.squeeze(1))[0, 0])
@@ -111,15 +111,26 @@ def unit_rows(embeddings: Tensor, name: str = "embeddings") -> Tensor:
         if not bool(torch.isfinite(norms[row])):
             raise InputError(f"{name}: row {row} overflows float64 when squared")
         raise InputError(f"{name}: row {row} is all zeros (cosine similarity undefined)")
-    return e / norms
+    return 1.0 / norms
+
+
+def unit_rows(embeddings: Tensor, name: str = "embeddings") -> Tensor:
+    """float64 `h_n = E_n / ||E_n||` (validated as in `inv_row_norms`)."""
+    e = embeddings.detach()
+    if e.dtype == torch.float64:
+        return e * inv_row_norms(e, name)
+    h = e.to(torch.float64)  # cast once, normalise in place
+    return h.mul_(inv_row_norms(h, name))
 
 
 @dataclass(frozen=True, slots=True)
 class Triplets:
-    """A sparse [n_rows, n_cols] matrix as unique (row, col, val) entries.
+    """A sparse [n_rows, n_cols] matrix as (row, col, val) entries; unlisted entries are 0.
 
-    `row` is non-decreasing (row-major order); (row, col) pairs are unique;
-    entries not listed are zero. `val` keeps the input dtype and autograd link.
+    `row` is non-decreasing (row-major order). (row, col) pairs are unique
+    unless `unique` is False (an uncoalesced COO taken as is: duplicates, if
+    any, must be summed; see `coalesced`). `val` keeps the input dtype and,
+    for unique triplets, the autograd link.
     """
 
     row: Tensor
@@ -127,6 +138,16 @@ class Triplets:
     val: Tensor
     n_rows: int
     n_cols: int
+    unique: bool = True
+    source: Tensor | None = None  # the uncoalesced COO, when unique is False
+
+    def coalesced(self) -> Triplets:
+        """Unique triplets (coalescing the source COO if needed)."""
+        if self.unique or self.source is None:
+            return self
+        c = self.source.coalesce()
+        idx = c.indices()
+        return Triplets(idx[0], idx[1], c.values(), self.n_rows, self.n_cols)
 
     @property
     def nnz(self) -> int:
@@ -138,12 +159,16 @@ def _check_index_range(idx: Tensor, limit: int, name: str, what: str) -> None:
         raise InputError(f"{name}: {what} index out of range [0, {limit})")
 
 
-def to_triplets(x: Tensor, name: str = "activations") -> Triplets:
+def to_triplets(
+    x: Tensor, name: str = "activations", *, allow_duplicates: bool = False
+) -> Triplets:
     """Unique, row-sorted triplets of a validated 2-D sparse tensor (COO, CSR or other).
 
-    COO is coalesced (duplicates summed) if needed; CSR is used as is when its
-    entries are already unique and row-major sorted (the usual case), else it is
-    coalesced through COO. Values keep their autograd link (`values()` of a
+    COO is coalesced (duplicates summed) if needed, except with
+    `allow_duplicates` when its rows are already in order (no autograd link
+    then; the caller must detect duplicates, see `Triplets.coalesced`); CSR is
+    used as is when its entries are unique and row-major sorted (the usual
+    case), else it is coalesced through COO. Values keep their autograd link (`values()` of a
     coalesced COO or a CSR tensor is differentiable in torch 2.15).
     """
     n_rows, n_cols = int(x.shape[0]), int(x.shape[1])
@@ -169,6 +194,11 @@ def to_triplets(x: Tensor, name: str = "activations") -> Triplets:
     _check_index_range(raw[0], n_rows, name, "row")
     _check_index_range(raw[1], n_cols, name, "column")
     if not x.is_coalesced():
+        r = raw[0]
+        if allow_duplicates and (r.numel() < 2 or bool((r[1:] >= r[:-1]).all())):
+            # Rows already in order (what TopK code builds): skip the global sort;
+            # the caller detects duplicates in its per-chunk sort and coalesces then.
+            return Triplets(r, raw[1], x._values(), n_rows, n_cols, unique=False, source=x)
         x = x.coalesce()
     idx, val = x.indices(), x.values()
     return Triplets(idx[0], idx[1], val, n_rows, n_cols)

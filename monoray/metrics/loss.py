@@ -39,7 +39,6 @@ Two paths:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +50,12 @@ from monoray.metrics._checks import (
     check_2d_float,
     check_activations,
     check_finite_dense,
-    check_finite_values,
     check_rows,
     is_sparse,
     to_triplets,
     unit_rows,
 )
-from monoray.metrics.monoscore import column_stats, finish_scores
+from monoray.metrics.monoscore import col_sum, column_stats, csr, finish_scores
 
 __all__ = ["DEFAULT_EPS", "mono_loss", "mono_loss_rows"]
 
@@ -65,7 +63,7 @@ DEFAULT_EPS = 1e-6
 """Default absolute floor on the normalised batch denominator `Σ_{n<m} ã ã`."""
 
 _F64 = torch.float64
-_BLOCK_BYTES = 4 << 20  # P = AᵀH is built in latent blocks of at most 4 MiB
+_BLOCK_BYTES = 8 << 20  # P = AᵀH is built in latent blocks of at most 8 MiB
 
 
 def _loss_from_parts(
@@ -115,10 +113,18 @@ class _Plan:
     n_rows: int
     n_cols: int
     blocks: tuple[tuple[int, int, int, int], ...]  # latent blocks (k0, k1, lo, hi) of Aᵀ
+    name: str  # the argument holding the values, for error messages
 
 
 def _make_plan(
-    row: Tensor, col: Tensor, crow: Tensor, n_rows: int, n_cols: int, d: int, name: str
+    row: Tensor,
+    col: Tensor,
+    crow: Tensor,
+    n_rows: int,
+    n_cols: int,
+    d: int,
+    name: str,
+    value_name: str,
 ) -> _Plan:
     key = col * n_rows + row
     skey, perm = torch.sort(key)
@@ -133,22 +139,20 @@ def _make_plan(
     ks = [*range(0, n_cols, step), n_cols]
     offs = at_crow[torch.tensor(ks, device=at_crow.device)].tolist()
     blocks = tuple((ks[i], ks[i + 1], offs[i], offs[i + 1]) for i in range(len(ks) - 1))
-    return _Plan(row, col, crow, perm, at_crow, row[perm], counts, n_rows, n_cols, blocks)
-
-
-def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+    return _Plan(
+        row, col, crow, perm, at_crow, row[perm], counts, n_rows, n_cols, blocks, value_name
+    )
 
 
 class _SparseMonoStats(torch.autograd.Function):
     """values [nnz] -> (S1, S2, q_raw = ||P_k||², t = P_k·Hsum, min, max), all [M] float64.
 
-    `P = Aᵀ H` is built one latent block at a time (a few MiB, cache-resident)
-    and never materialised whole: each block gives its `||P_k||²` and, when a
-    gradient is needed, the sampled products `h_i·P_k` at the block's stored
-    entries, which is all the backward pass needs from P.
+    `P = Aᵀ H` is built one latent block at a time into one reused buffer
+    (a few MiB, cache-resident) and never materialised whole: each block gives
+    its `||P_k||²` and, when a gradient is needed, the sampled products
+    `h_i·P_k` at the block's stored entries, which is all the backward needs
+    from P. The backward is then one gather and one row-wise dot product:
+    `grad = <coef[col], X>` with per-entry factors X saved by the forward.
     """
 
     @staticmethod
@@ -156,45 +160,63 @@ class _SparseMonoStats(torch.autograd.Function):
         v = values.detach().to(_F64)
         m, b = plan.n_cols, plan.n_rows
         s1, s2, mn, mx, _ = column_stats(plan.col, v, b, m)
+        if not bool(torch.isfinite(s2).all()):  # NaN/inf values (or |a| > 1e150)
+            _raise_bad_values(v, plan.row, plan.name)
         vt = v[plan.perm]  # values of Aᵀ in its CSR (column-major) order
         need_grad = bool(ctx.needs_input_grad[0])
         sdd_t = torch.empty_like(v) if need_grad else None
-        zeros = torch.zeros_like(v) if need_grad else None
         q_raw = torch.empty(m, dtype=_F64, device=v.device)
+        width = max(k1 - k0 for k0, k1, _, _ in plan.blocks)
+        buf = torch.empty(width, h.shape[1], dtype=_F64, device=v.device)
         h_t = h.T
         for k0, k1, lo, hi in plan.blocks:
             crow = plan.at_crow[k0 : k1 + 1] - lo
-            pb = _csr(crow, plan.at_col[lo:hi], vt[lo:hi], (k1 - k0, b)) @ h  # P[k0:k1]
-            torch.linalg.vector_norm(pb, dim=1, out=q_raw[k0:k1])
+            pb = buf[: k1 - k0]
+            at_b = csr(crow, plan.at_col[lo:hi], vt[lo:hi], (k1 - k0, b))
+            torch.addmm(pb, at_b, h, beta=0.0, out=pb)  # P[k0:k1]; beta=0: no zero-fill pass
+            torch.linalg.vector_norm(pb, dim=1, out=q_raw[k0:k1])  # ||P_k||
             if need_grad and hi > lo:
-                pattern = _csr(crow, plan.at_col[lo:hi], zeros[lo:hi], (k1 - k0, b))
+                pattern = csr(crow, plan.at_col[lo:hi], vt[lo:hi], (k1 - k0, b))  # beta=0
                 sdd_t[lo:hi] = torch.sparse.sampled_addmm(pattern, pb, h_t, beta=0.0).values()
         q_raw.square_()
-        t = torch.bincount(plan.col, weights=v * hdot[plan.row], minlength=m)
+        hdot_e = hdot[plan.row]  # h_i·Hsum at each entry
+        t = col_sum(plan.col, v * hdot_e, m)
         if need_grad:
-            sdd = torch.empty_like(v)
-            sdd[plan.perm] = sdd_t  # back to the row-major order of `values`
-            ctx.save_for_backward(v, sdd, hdot, mn, mx)
+            # Per-entry factors of dL/da_ik = <(dS1, dS2, dq, dt, dmin, dmax)_k, X_i>.
+            x = torch.empty(v.numel(), 6, dtype=_F64, device=v.device)
+            x[:, 0] = 1.0
+            torch.mul(v, 2.0, out=x[:, 1])
+            x[plan.perm, 2] = sdd_t
+            x[:, 2] *= 2.0
+            x[:, 3] = hdot_e
+            implicit = b - plan.counts  # unstored (zero) entries per column
+            for j, ext in ((4, mn), (5, mx)):
+                # torch.amin/amax semantics: the gradient is shared equally by all tied
+                # entries, including the unstored zeros when the extreme is 0.
+                tie = (v == ext[plan.col]).to(_F64)
+                ties = col_sum(plan.col, tie, m)
+                ties += torch.where(ext == 0, implicit, 0).to(_F64)
+                torch.div(tie, ties.clamp(min=1.0)[plan.col], out=x[:, j])
+            ctx.save_for_backward(x)
         ctx.plan = plan
         ctx.in_dtype = values.dtype
         return s1, s2, q_raw, t, mn, mx
 
     @staticmethod
     def backward(ctx, g1: Tensor, g2: Tensor, gq: Tensor, gt: Tensor, gmn: Tensor, gmx: Tensor):  # type: ignore[override]
-        v, sdd, hdot, mn, mx = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        col, b, m = plan.col, plan.n_rows, plan.n_cols
-        # dL/da_ik = dS1 + 2 a dS2 + 2 (h_i·P_k) dq + (h_i·Hsum) dt  (+ min/max ties below)
-        grad = g1[col] + 2.0 * v * g2[col] + 2.0 * gq[col] * sdd + gt[col] * hdot[plan.row]
-        implicit = b - plan.counts  # unstored (zero) entries per column
-        for ext, g_ext in ((mn, gmn), (mx, gmx)):
-            # torch.amin/amax semantics: the gradient is shared equally by all tied
-            # entries, including the unstored zeros when the extreme is 0.
-            tie = v == ext[col]
-            ties = torch.bincount(col, weights=tie.to(_F64), minlength=m)
-            ties = ties + torch.where(ext == 0, implicit, torch.zeros_like(implicit)).to(_F64)
-            grad = grad + torch.where(tie, g_ext[col] / ties.clamp(min=1.0)[col], 0.0)
+        (x,) = ctx.saved_tensors
+        coef = torch.stack([g1, g2, gq, gt, gmn, gmx], dim=1)  # [M, 6]
+        grad = torch.linalg.vecdot(coef.index_select(0, ctx.plan.col), x)
         return grad.to(ctx.in_dtype), None, None, None
+
+
+def _raise_bad_values(v: Tensor, row: Tensor, name: str) -> None:
+    ok = torch.isfinite(v)
+    if not bool(ok.all()):
+        j = int(torch.nonzero(~ok)[0, 0])
+        what = "NaN" if bool(torch.isnan(v[j])) else "inf"
+        raise InputError(f"{name}: contains {what} at row {int(row[j])}")
+    raise InputError(f"{name}: values too large for float64 statistics (|a| > 1e150)")
 
 
 def _sparse_loss(
@@ -234,12 +256,13 @@ def mono_loss(embeddings: object, activations: object, *, eps: float = DEFAULT_E
     if not is_sparse(a):
         check_finite_dense(a.detach(), "activations")
         return _dense_loss(h, a, eps)
-    t = to_triplets(a)
-    check_finite_values(t, "activations")
+    t = to_triplets(a)  # finiteness is checked inside the statistics pass
     counts = torch.bincount(t.row, minlength=t.n_rows)
     crow = torch.zeros(t.n_rows + 1, dtype=torch.int64, device=t.row.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    plan = _make_plan(t.row, t.col, crow, t.n_rows, t.n_cols, int(h.shape[1]), "activations")
+    plan = _make_plan(
+        t.row, t.col, crow, t.n_rows, t.n_cols, int(h.shape[1]), "activations", "activations"
+    )
     return _sparse_loss(h, t.val, plan, eps, a.dtype)
 
 
@@ -294,14 +317,10 @@ def mono_loss_rows(
     if int(crow[0]) != 0 or int(crow[-1]) != nnz or (counts.numel() and int(counts.min()) < 0):
         raise InputError(f"row_offsets: must start at 0, be non-decreasing and end at nnz={nnz}")
     col = col_indices.to(device=values.device, dtype=torch.int64)
-    if nnz and (int(col.min()) < 0 or int(col.max()) >= m):
+    lo_hi = torch.aminmax(col) if nnz else None
+    if lo_hi is not None and (int(lo_hi.min) < 0 or int(lo_hi.max) >= m):
         raise InputError(f"col_indices: index out of range [0, {m})")
     row = torch.repeat_interleave(torch.arange(b, device=col.device), counts, output_size=nnz)
-    ok = torch.isfinite(values.detach())
-    if not bool(ok.all()):
-        j = int(torch.nonzero(~ok)[0, 0])
-        what = "NaN" if bool(torch.isnan(values[j])) else "inf"
-        raise InputError(f"values: contains {what} at row {int(row[j])}")
     h = unit_rows(e.to(values.device))
-    plan = _make_plan(row, col, crow, b, m, int(h.shape[1]), "col_indices")
+    plan = _make_plan(row, col, crow, b, m, int(h.shape[1]), "col_indices", "values")
     return _sparse_loss(h, values, plan, eps, values.dtype)

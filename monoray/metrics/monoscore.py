@@ -10,7 +10,7 @@ and `MS_k = 0` where the denominator is zero (constant latent, or a latent
 whose normalised mass sits on one sample).
 
 One-pass linear form (spec §2, §2a). The raw statistics `n`, `S1 = Σ a`,
-`S2 = Σ a²`, `P = Σ a h` ([M, d]), `Hsum = Σ h`, `min`, `max` are additive
+`S2 = Σ a²`, `P_k = Σ_n a_kn h_n` ([M, d]), `Hsum = Σ h`, `min`, `max` are additive
 (min/max reduce), so batches and shards merge exactly. With `r = max - min`:
 
     u = (S1 - n·min) / r           v = (S2 - 2·min·S1 + n·min²) / r²
@@ -27,9 +27,9 @@ One-pass linear form (spec §2, §2a). The raw statistics `n`, `S1 = Σ a`,
 error of `u² - v` is proportional to, so the rule separates a true zero (error
 ~1e-16·scale²) from a real denominator with a wide margin. For post-ReLU
 latents (`min = 0`) it reads `den > 1e-12·u²`. Conditioning: the raw-statistics
-correction loses about `(|min| / r)²` of float64's 16 digits, so latents whose
-spread is tiny next to their offset (|min|/r > 1e4) lose accuracy; post-ReLU,
-TopK and JumpReLU latents have `min = 0` and lose nothing.
+correction amplifies float64 rounding by up to about `(|min| / r)²`, so a latent
+whose spread is tiny next to its offset (|min|/r ≳ 1e4) loses accuracy;
+post-ReLU, TopK and JumpReLU latents have `min = 0` and lose nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from monoray.metrics._checks import (
     check_finite_dense,
     check_finite_values,
     check_rows,
+    inv_row_norms,
     is_sparse,
     raise_nonfinite,
     to_triplets,
@@ -177,23 +178,26 @@ class MonoScoreAccumulator:
         check_cols("embeddings", int(e.shape[1]), self.dim, "dim")
         check_cols("activations", int(a.shape[1]), self.n_latents, "n_latents")
         with torch.no_grad():
-            h = unit_rows(e.to(self.device))
+            e = e.detach().to(self.device)
+            inv = inv_row_norms(e)  # validates the embeddings; h is built per chunk
             a = a.detach().to(self.device)
             if is_sparse(a):
-                self._update_sparse(h, to_triplets(a))
+                self._update_sparse(e, inv, to_triplets(a, allow_duplicates=True))
             else:
-                self._update_dense(h, a)
+                self._update_dense(e, inv, a)
         return self
 
-    def _commit(self, n: int, s1: Tensor, s2: Tensor, mn: Tensor, mx: Tensor, h: Tensor) -> None:
+    def _commit(
+        self, n: int, s1: Tensor, s2: Tensor, mn: Tensor, mx: Tensor, h_sum: Tensor
+    ) -> None:
         self.n += n
         self.s1 += s1
         self.s2 += s2
         torch.minimum(self.min, mn, out=self.min)
         torch.maximum(self.max, mx, out=self.max)
-        self.h_sum += h.sum(0)
+        self.h_sum += h_sum
 
-    def _update_dense(self, h: Tensor, a: Tensor) -> None:
+    def _update_dense(self, e: Tensor, inv: Tensor, a: Tensor) -> None:
         n_rows, m = int(a.shape[0]), self.n_latents
         dev = self.device
         # Pass 1: min/max/S1/S2 in cache-sized row blocks (fused finiteness check).
@@ -213,40 +217,55 @@ class MonoScoreAccumulator:
             raise_nonfinite(a, "activations")
         if not bool(torch.isfinite(s2).all()):
             raise InputError("activations: values too large for float64 statistics (|a| > 1e150)")
-        # Pass 2: P += A_chunkᵀ H_chunk, one float64 GEMM per chunk, straight into the state.
-        # float64 input is used in place; other dtypes go through one reused float64
-        # buffer of <= 16 MiB (no per-chunk allocation, no page faults).
-        if a.dtype == _F64:
-            for i in range(0, n_rows, self.chunk_rows):
-                self.p.addmm_(a[i : i + self.chunk_rows].T, h[i : i + self.chunk_rows])
-        else:
+        # Pass 2: P += A_chunkᵀ H_chunk, one float64 GEMM per chunk, straight into the
+        # state. float64 activations are used in place; other dtypes go through one
+        # reused float64 buffer of <= 16 MiB (no per-chunk allocation, no page faults).
+        h_sum = torch.zeros(self.dim, dtype=_F64, device=dev)
+        rows = self.chunk_rows
+        buf = None
+        if a.dtype != _F64:
             rows = max(1, min(self.chunk_rows, _STAT_BLOCK_ELEMS // m, n_rows))
             buf = torch.empty(rows, m, dtype=_F64, device=dev)
-            for i in range(0, n_rows, rows):
-                blk = buf[: min(rows, n_rows - i)]
-                blk.copy_(a[i : i + rows])
-                self.p.addmm_(blk.T, h[i : i + rows])
-        self._commit(n_rows, s1, s2, mn, mx, h)
+        for i in range(0, n_rows, rows):
+            h = torch.mul(e[i : i + rows], inv[i : i + rows])
+            h_sum += h.sum(0)
+            blk = a[i : i + rows]
+            if buf is not None:
+                blk = buf[: blk.shape[0]].copy_(blk)
+            self.p.addmm_(blk.T, h)
+        self._commit(n_rows, s1, s2, mn, mx, h_sum)
 
-    def _update_sparse(self, h: Tensor, t: Triplets) -> None:
+    def _update_sparse(self, e: Tensor, inv: Tensor, t: Triplets) -> None:
+        n_rows, m, step = t.n_rows, self.n_latents, self.sparse_chunk_rows
+        bounds = torch.searchsorted(
+            t.row, torch.arange(0, n_rows + step, step, device=t.row.device)
+        ).tolist()
+        # Per row chunk: the entries sorted by (column, row), i.e. Aᵀ in CSR order.
+        # The sort also reveals duplicate entries of an uncoalesced COO input.
+        chunks = []
+        for ci, i in enumerate(range(0, n_rows, step)):
+            lo, hi = bounds[ci], bounds[ci + 1]
+            rows = min(step, n_rows - i)
+            key, perm = torch.sort(t.col[lo:hi] * rows + (t.row[lo:hi] - i))
+            if not t.unique and key.numel() > 1 and bool((key[1:] == key[:-1]).any()):
+                return self._update_sparse(e, inv, t.coalesced())
+            chunks.append((i, rows, lo, hi, key, perm))
         check_finite_values(t, "activations")
-        n_rows, m = t.n_rows, self.n_latents
         v = t.val.to(_F64)
         s1, s2, mn, mx, _ = column_stats(t.col, v, n_rows, m)
         if not bool(torch.isfinite(s2).all()):
             raise InputError("activations: values too large for float64 statistics (|a| > 1e150)")
-        step = self.sparse_chunk_rows
-        bounds = torch.searchsorted(
-            t.row, torch.arange(0, n_rows + step, step, device=t.row.device)
-        ).tolist()
-        for ci, i in enumerate(range(0, n_rows, step)):
-            lo, hi = bounds[ci], bounds[ci + 1]
+        h_sum = torch.zeros(self.dim, dtype=_F64, device=self.device)
+        for i, rows, lo, hi, key, perm in chunks:
+            h = torch.mul(e[i : i + rows], inv[i : i + rows])
+            h_sum += h.sum(0)
             if hi == lo:
                 continue
-            rows = min(step, n_rows - i)
-            at = transposed_csr(t.row[lo:hi] - i, t.col[lo:hi], v[lo:hi], rows, m)
-            self.p.addmm_(at, h[i : i + rows])
-        self._commit(n_rows, s1, s2, mn, mx, h)
+            crow = torch.zeros(m + 1, dtype=torch.int64, device=key.device)
+            torch.cumsum(torch.bincount(t.col[lo:hi], minlength=m), 0, out=crow[1:])
+            at = csr(crow, key % rows, v[lo:hi][perm], (m, rows))
+            self.p.addmm_(at, h)
+        self._commit(n_rows, s1, s2, mn, mx, h_sum)
 
     # ------------------------------------------------------------ merge/reduce
     def merge(self, other: MonoScoreAccumulator) -> MonoScoreAccumulator:
@@ -336,8 +355,16 @@ class MonoScoreAccumulator:
         rs = torch.where(spread, r, torch.ones_like(r))
         u = (self.s1 - n * mn) / rs
         v = (self.s2 - mn * (2.0 * self.s1 - n * mn)) / (rs * rs)
-        w = torch.addr(self.p, mn, self.h_sum, alpha=-1.0)  # P - min ⊗ Hsum
-        q = (w * w).sum(1) / (rs * rs)
+        # q_k = ||P_k - min_k Hsum||² / r_k², in latent blocks through one small buffer
+        q = torch.empty_like(u)
+        step = max(1, _STAT_BLOCK_ELEMS // self.dim)
+        buf = torch.empty(min(step, self.n_latents), self.dim, dtype=_F64, device=self.device)
+        for k in range(0, self.n_latents, step):
+            w = buf[: min(step, self.n_latents - k)]
+            torch.addr(self.p[k : k + step], mn[k : k + step], self.h_sum, alpha=-1.0, out=w)
+            torch.linalg.vector_norm(w, dim=1, out=q[k : k + step])
+        q.square_()
+        q /= rs * rs
         num = 0.5 * (q - v)
         den = 0.5 * (u * u - v)
         scores, active = finish_scores(num, den, u, mn, rs, spread, n)
@@ -349,6 +376,11 @@ class MonoScoreAccumulator:
 
 
 # --------------------------------------------------------------- sparse helpers
+def col_sum(col: Tensor, w: Tensor, n_cols: int) -> Tensor:
+    """float64 `out[c] = Σ_{j: col_j = c} w_j` (bincount; float64 even for empty input)."""
+    return torch.bincount(col, weights=w, minlength=n_cols).to(_F64)
+
+
 def column_stats(
     col: Tensor, v: Tensor, n_rows: int, n_cols: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -358,8 +390,8 @@ def column_stats(
     has 0 folded into its min and max.
     """
     counts = torch.bincount(col, minlength=n_cols)
-    s1 = torch.bincount(col, weights=v, minlength=n_cols)
-    s2 = torch.bincount(col, weights=v * v, minlength=n_cols)
+    s1 = col_sum(col, v, n_cols)
+    s2 = col_sum(col, v * v, n_cols)
     mx = torch.full((n_cols,), -math.inf, dtype=_F64, device=v.device)
     mx = mx.scatter_reduce(0, col, v, "amax", include_self=True)
     mn = torch.full((n_cols,), math.inf, dtype=_F64, device=v.device)
@@ -370,16 +402,11 @@ def column_stats(
     return s1, s2, mn, mx, counts
 
 
-def transposed_csr(row: Tensor, col: Tensor, val: Tensor, n_rows: int, n_cols: int) -> Tensor:
-    """Aᵀ as a CSR tensor [n_cols, n_rows] from unique (row, col, val) entries of A."""
-    perm = torch.argsort(col * n_rows + row)
-    crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
-    torch.cumsum(torch.bincount(col, minlength=n_cols), 0, out=crow[1:])
+def csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR tensor from trusted parts (no invariant checks, no beta warning)."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, row[perm], val[perm], (n_cols, n_rows), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
 
 # ------------------------------------------------------------------ functions

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from monoray.sweep.search import BASELINE_ATTR
 from monoray.sweep.tracking import PARETO_TAG, SweepRecords
 
 PROFILE_FILE = "monoscore_profile.json"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass(frozen=True, slots=True)

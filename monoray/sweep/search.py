@@ -153,7 +153,7 @@ class MonorayOptunaSearch(OptunaSearch):
                 ot_trial.set_constraint(c.name, c.violation(float(result[c.metric])))
             self._ot_study.tell(ot_trial, [float(result[m]) for m in self.metric])
         else:
-            ot_trial.set_user_attr(FAIL_ATTR, reason)
+            ot_trial.set_user_attr(FAIL_ATTR, reason[:1000])
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
 
     def _stored_state(self, number: int) -> TrialState:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from monoray.errors import InputError
+from monoray.train.evaluate import VAL_KEYS
 
 Kind = Literal["sae", "finetune"]
 ParamType = Literal["loguniform", "uniform", "int", "categorical"]
@@ -33,17 +34,7 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 MODES = ("max", "min")
 DEFAULT_OBJECTIVES = (("r2", "max"), ("monoscore_mean", "max"))
 # Metrics a trial reports (val split, last epoch) that objectives/constraints may name.
-SAE_METRICS = (
-    "r2",
-    "explained_variance",
-    "l0",
-    "dead_fraction",
-    "monoscore_mean",
-    "monoscore_mean_active",
-    "monoscore_median",
-    "purity_binary",
-    "purity_weighted",
-)
+SAE_METRICS = VAL_KEYS
 FINETUNE_METRICS = ("accuracy", "top5", "monoscore_mean", "monoscore_mean_active", "purity_binary")
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
