@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monoray {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
-        print(f"monoray {args.command}: error: file not found: {err.filename or err}", file=sys.stderr)
+        print(
+            f"monoray {args.command}: error: file not found: {err.filename or err}", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print(f"monoray {args.command}: interrupted", file=sys.stderr)
