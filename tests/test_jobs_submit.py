@@ -35,6 +35,23 @@ def stop_cluster(temp_dir: str) -> None:
                 proc.kill()
 
 
+def wait_for_job_agent(address: str, env: dict, attempts: int = 60) -> None:
+    """`ray start` returns before the head's job agent accepts jobs: submit no-ops until one runs.
+
+    Each failed attempt is answered at once ("No available agent to submit job"); the
+    wait between attempts is the agent's start-up, not a guess at it.
+    """
+    env = {**env, "RAY_AUTH_MODE": "token"}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"]
+    for _ in range(attempts):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            return
+        if "agent" not in (done.stdout + done.stderr).lower():
+            raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
+    raise TimeoutError(f"the job agent of {address} never became ready")
+
+
 @pytest.fixture
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="mrj-", dir="/tmp")
@@ -60,8 +77,10 @@ def ray_head():
         env=env,
         timeout=120,
     )
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        wait_for_job_agent(address, env)
+        yield address, env
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

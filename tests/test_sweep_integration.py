@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,24 +118,23 @@ def test_diverging_trial_fails_in_optuna_and_mlflow(ray_session, project: Path) 
     assert run.data.tags[ERROR_TAG]
 
 
-def _epoch_recorded(results: Path) -> bool:
-    """The driver has processed a trial's first epoch (its result and checkpoint)."""
-    return any(
-        p.stat().st_size > 0 and (p.parent / "checkpoint_000000").is_dir()
-        for p in results.glob("*/sae_trial_*/result.json")
-    )
+def _recorded_trial_pid(results: Path) -> int | None:
+    """PID of a trial whose first epoch (result and checkpoint) the driver has recorded."""
+    for path in results.glob("*/sae_trial_*/result.json"):
+        lines = path.read_text().splitlines()
+        if lines and (path.parent / "checkpoint_000000").is_dir():
+            return int(json.loads(lines[-1])["pid"])
+    return None
 
 
 def _kill_first_trial_worker(results: Path, killed: list[int], stop: threading.Event) -> None:
-    """Once the driver has recorded a trial's first epoch, SIGKILL the trial's process."""
+    """SIGKILL the process of a trial that has a checkpoint, mid-way through its next epoch."""
     while not stop.is_set():
-        if _epoch_recorded(results):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if "ImplicitFunc" in cmd or "sae_trial" in cmd:
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    return
+        pid = _recorded_trial_pid(results)
+        if pid is not None and psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
         stop.wait(0.05)
 
 
