@@ -55,7 +55,9 @@ def wait_for_job_agent(address: str, env: dict, attempts: int = 60) -> None:
 @pytest.fixture
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="mrj-", dir="/tmp")
-    gcs, dash = free_port(), free_port()
+    # Own ports for everything: the shared test cluster already holds Ray's defaults
+    # (its dashboard agent listens on 52365).
+    gcs, dash, agent, grpc, metrics = (free_port() for _ in range(5))
     # The job's driver runs `python` from the head's PATH: the project's venv.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -68,6 +70,9 @@ def ray_head():
             f"--port={gcs}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={grpc}",
+            f"--metrics-export-port={metrics}",
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",

@@ -55,7 +55,7 @@ from monoray.metrics._checks import (
     to_triplets,
     unit_rows,
 )
-from monoray.metrics.monoscore import col_sum, column_stats, csr, finish_scores
+from monoray.metrics.monoscore import col_sum, column_stats, csr, finish_scores, index_dtype
 
 __all__ = ["DEFAULT_EPS", "mono_loss", "mono_loss_rows"]
 
@@ -126,22 +126,21 @@ def _make_plan(
     name: str,
     value_name: str,
 ) -> _Plan:
-    key = col * n_rows + row
-    skey, perm = torch.sort(key)
+    idt = index_dtype(n_rows * n_cols)
+    skey, perm = torch.sort(col.to(idt) * n_rows + row.to(idt))
     if skey.numel() > 1 and bool((skey[1:] == skey[:-1]).any()):
         j = int(torch.nonzero(skey[1:] == skey[:-1])[0, 0])
         k = int(skey[j])
         raise InputError(f"{name}: duplicate entry at row {k % n_rows}, column {k // n_rows}")
     counts = torch.bincount(col, minlength=n_cols)
-    at_crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
+    at_crow = torch.zeros(n_cols + 1, dtype=idt, device=col.device)
     torch.cumsum(counts, 0, out=at_crow[1:])
     step = max(1, _BLOCK_BYTES // (8 * d))
     ks = [*range(0, n_cols, step), n_cols]
     offs = at_crow[torch.tensor(ks, device=at_crow.device)].tolist()
     blocks = tuple((ks[i], ks[i + 1], offs[i], offs[i + 1]) for i in range(len(ks) - 1))
-    return _Plan(
-        row, col, crow, perm, at_crow, row[perm], counts, n_rows, n_cols, blocks, value_name
-    )
+    at_col = (skey % n_rows) if n_rows > 0 else skey  # = row[perm], in the index dtype
+    return _Plan(row, col, crow, perm, at_crow, at_col, counts, n_rows, n_cols, blocks, value_name)
 
 
 class _SparseMonoStats(torch.autograd.Function):

@@ -17,12 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import ray
 from ray import tune
 
-from monoray.data import FeatureSplit, FeatureSplits, load_features
+from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
 from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
@@ -36,7 +35,7 @@ from monoray.sweep.search import (
 )
 from monoray.sweep.space import Data, SweepSpace
 from monoray.sweep.tracking import MlflowTracker
-from monoray.sweep.trial import sae_trial, trial_params
+from monoray.sweep.trial import sae_trial
 
 DRY_RUN_SAMPLES = 256
 
@@ -83,20 +82,7 @@ def dry_run_space(space: SweepSpace) -> SweepSpace:
 
 def load_splits(data: Data) -> FeatureSplits:
     splits = load_features(data.features, val_source=data.val_features)
-    if data.subset is None:
-        return splits
-    n_val = max(2, data.subset // 4)
-    return replace(splits, train=_head(splits.train, data.subset), val=_head(splits.val, n_val))
-
-
-def _head(split: FeatureSplit, n: int) -> FeatureSplit:
-    n = min(n, len(split))
-    return FeatureSplit(
-        features=np.ascontiguousarray(split.features[:n]),
-        labels=None if split.labels is None else split.labels[:n],
-        ids=split.ids[:n],
-        images=None if split.images is None else split.images[:n],
-    )
+    return splits if data.subset is None else splits.head(data.subset)
 
 
 def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
@@ -266,12 +252,3 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         pareto=pareto,
         ray_dir=exp_dir,
     )
-
-
-def describe(params: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-    )
-
-
-__all__ = ["SweepOptions", "SweepResult", "describe", "run_sweep", "trial_params"]
