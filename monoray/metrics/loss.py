@@ -101,11 +101,10 @@ def _dense_loss(h: Tensor, a: Tensor, eps: float) -> Tensor:
 # --------------------------------------------------------------- sparse path
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """Index structure of a sparse batch (no gradients): row-major entries and Aᵀ as CSR."""
+    """Index structure of a sparse batch (no gradients): the entries and Aᵀ as CSR."""
 
     row: Tensor  # [nnz] row of each entry, non-decreasing
     col: Tensor  # [nnz] column of each entry
-    crow: Tensor  # [B+1] row offsets of A
     perm: Tensor  # [nnz] entry order sorted by (col, row)
     at_crow: Tensor  # [M+1] row offsets of Aᵀ
     at_col: Tensor  # [nnz] = row[perm]
@@ -119,7 +118,6 @@ class _Plan:
 def _make_plan(
     row: Tensor,
     col: Tensor,
-    crow: Tensor,
     n_rows: int,
     n_cols: int,
     d: int,
@@ -140,7 +138,7 @@ def _make_plan(
     offs = at_crow[torch.tensor(ks, device=at_crow.device)].tolist()
     blocks = tuple((ks[i], ks[i + 1], offs[i], offs[i + 1]) for i in range(len(ks) - 1))
     at_col = (skey % n_rows) if n_rows > 0 else skey  # = row[perm], in the index dtype
-    return _Plan(row, col, crow, perm, at_crow, at_col, counts, n_rows, n_cols, blocks, value_name)
+    return _Plan(row, col, perm, at_crow, at_col, counts, n_rows, n_cols, blocks, value_name)
 
 
 class _SparseMonoStats(torch.autograd.Function):
@@ -256,11 +254,8 @@ def mono_loss(embeddings: object, activations: object, *, eps: float = DEFAULT_E
         check_finite_dense(a.detach(), "activations")
         return _dense_loss(h, a, eps)
     t = to_triplets(a)  # finiteness is checked inside the statistics pass
-    counts = torch.bincount(t.row, minlength=t.n_rows)
-    crow = torch.zeros(t.n_rows + 1, dtype=torch.int64, device=t.row.device)
-    torch.cumsum(counts, 0, out=crow[1:])
     plan = _make_plan(
-        t.row, t.col, crow, t.n_rows, t.n_cols, int(h.shape[1]), "activations", "activations"
+        t.row, t.col, t.n_rows, t.n_cols, int(h.shape[1]), "activations", "activations"
     )
     return _sparse_loss(h, t.val, plan, eps, a.dtype)
 
@@ -321,5 +316,5 @@ def mono_loss_rows(
         raise InputError(f"col_indices: index out of range [0, {m})")
     row = torch.repeat_interleave(torch.arange(b, device=col.device), counts, output_size=nnz)
     h = unit_rows(e.to(values.device))
-    plan = _make_plan(row, col, crow, b, m, int(h.shape[1]), "col_indices", "values")
+    plan = _make_plan(row, col, b, m, int(h.shape[1]), "col_indices", "values")
     return _sparse_loss(h, values, plan, eps, values.dtype)
