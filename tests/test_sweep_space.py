@@ -151,3 +151,27 @@ def test_scientific_notation_strings_are_numbers(tmp_path: Path) -> None:
     text = yaml.safe_dump(BASE).replace("0.001", "1e-3")
     space = load_space(write(tmp_path, text))
     assert space.search[0].low == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["sweep", "{tmp}/absent.yaml"], "search space file not found"),
+        (["sweep", "{tmp}/bad.yaml"], "bad.yaml: bogus: unknown key"),
+        (["sweep", "{tmp}/good.yaml", "--num-samples", "0"], "--num-samples"),
+        (["sweep", "{tmp}/good.yaml", "--set", "budget.max_concurrent=0"], "budget.max_concurrent"),
+        (["sweep", "{tmp}/good.yaml", "--resume", "--root", "{tmp}/runs"], "no sweep named"),
+        (["pareto", "nothing", "--root", "{tmp}/runs"], "no sweeps in"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, args, needle) -> None:
+    from monoray.cli import main
+
+    write(tmp_path, mutate(bogus=1), "bad.yaml")
+    write(tmp_path, BASE, "good.yaml")
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert needle in err
+    assert "Traceback" not in err

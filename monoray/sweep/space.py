@@ -156,6 +156,7 @@ class SweepSpace:
         return out
 
 
+TOP = "(top level)"
 TOP_KEYS = {
     "name",
     "description",
@@ -189,8 +190,9 @@ class _Reader:
             raise self.fail(key, "a mapping", value)
         for k in value:
             if k not in allowed:
+                where = k if key == TOP else f"{key}.{k}"
                 raise InputError(
-                    f"{self.file}: {key}.{k}: unknown key (expected one of {', '.join(sorted(allowed))})"
+                    f"{self.file}: {where}: unknown key (expected one of {', '.join(sorted(allowed))})"
                 )
         return value
 
@@ -328,9 +330,9 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         where = f" at line {mark.line + 1}" if mark else ""
         raise InputError(f"{file}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
     r = _Reader(file)
-    doc = r.mapping(doc, "(top level)", TOP_KEYS)
+    doc = r.mapping(doc, TOP, TOP_KEYS)
     doc = apply_overrides(dict(doc), overrides or [], file)
-    r.mapping(doc, "(top level)", TOP_KEYS)
+    r.mapping(doc, TOP, TOP_KEYS)
 
     kind = r.choice(doc.get("kind", "sae"), "kind", KINDS)
     metrics = SAE_METRICS if kind == "sae" else FINETUNE_METRICS
