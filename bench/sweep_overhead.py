@@ -13,6 +13,7 @@ estimates how many paper-size SAE trials fit on one device by memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def plain_optuna(space, splits, trials: int, concurrency: int, work: Path) -> fl
     return time.perf_counter() - start
 
 
-def monoray_sweep(space, trials: int, work: Path) -> tuple[float, float]:
+def monoray_sweep(space, trials: int, work: Path) -> tuple[float, float, float, float]:
     import ray
 
     from monoray.sweep.runner import SweepOptions, run_sweep, start_local_ray
@@ -74,11 +75,12 @@ def monoray_sweep(space, trials: int, work: Path) -> tuple[float, float]:
     start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray_start = time.perf_counter() - start
     start = time.perf_counter()
-    result = run_sweep(space, SweepOptions(root=str(work), progress=False))
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's console box; stdout is the JSON
+        result = run_sweep(space, SweepOptions(root=str(work), progress=False))
     elapsed = time.perf_counter() - start
     assert result.n_complete + result.n_failed == trials, result
     ray.shutdown()
-    return elapsed, ray_start
+    return elapsed, ray_start, result.fit_s, result.publish_s
 
 
 def gpu_capacity() -> dict:
@@ -134,8 +136,9 @@ def main() -> None:
         space = load_space(work / "space.yaml")
         splits = load_splits(space.data)
         plain = plain_optuna(space, splits, trials, args.concurrency, work / "plain")
-        sweep, ray_start = monoray_sweep(space, trials, work / "monoray")
+        sweep, ray_start, fit_s, publish_s = monoray_sweep(space, trials, work / "monoray")
     added = (sweep - plain) / trials
+    added_in_trials = (fit_s - plain) / trials
     print(
         json.dumps(
             {
@@ -149,9 +152,13 @@ def main() -> None:
                 "plain_s_per_trial": round(plain / trials, 3),
                 "monoray_s_per_trial": round(sweep / trials, 3),
                 "added_s_per_trial": round(added, 3),
+                "tune_fit_s": round(fit_s, 2),
+                "end_of_sweep_publish_s": round(publish_s, 2),
+                "added_s_per_trial_excluding_publish": round(added_in_trials, 3),
                 "ratio": round(sweep / plain, 3),
                 "target_added_s_per_trial": 1.5,
                 "meets_target": added <= 1.5,
+                "meets_target_excluding_one_off_publish": added_in_trials <= 1.5,
                 "gpu": gpu_capacity(),
             },
             indent=2,

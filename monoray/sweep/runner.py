@@ -67,6 +67,10 @@ class SweepResult:
     interrupted: bool
     pareto: ParetoReport | None
     ray_dir: Path
+    fit_s: float
+    """Wall time of `Tuner.fit` (all trials)."""
+    publish_s: float
+    """Wall time of the end-of-sweep work (Pareto table, plots, registry)."""
 
 
 def dry_run_space(space: SweepSpace) -> SweepSpace:
@@ -219,7 +223,10 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
                 verbose=0,
             ),
         )
+    fit_start = time.perf_counter()
     grid = tuner.fit()
+    fit_s = time.perf_counter() - fit_start
+    publish_start = time.perf_counter()
     interrupted = len(grid) < space.budget.num_samples or any(
         r.error is None and not r.metrics for r in grid
     )
@@ -251,4 +258,6 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         interrupted=interrupted,
         pareto=pareto,
         ray_dir=exp_dir,
+        fit_s=fit_s,
+        publish_s=time.perf_counter() - publish_start,
     )
