@@ -241,3 +241,20 @@ def check_labels(
     if n_classes is not None and y.numel() and int(y.max()) >= n_classes:
         raise InputError(f"{name}: label {int(y.max())} >= n_classes={n_classes}")
     return y
+
+
+def load_tensor_state(owner: object, state: dict[str, Tensor], keys: tuple[str, ...]) -> None:
+    """Copy `state[k]` into the tensor attribute `owner.k` for every key (accumulator state).
+
+    The key set and every shape must match exactly; dtype and device follow `owner`.
+    """
+    if set(state) != set(keys):
+        raise InputError(f"load_state_dict: expected keys {sorted(keys)}, got {sorted(state)}")
+    for k in keys:
+        new = torch.as_tensor(state[k])
+        cur = getattr(owner, k)
+        if tuple(new.shape) != tuple(cur.shape):
+            raise InputError(
+                f"load_state_dict: {k} has shape {tuple(new.shape)}, expected {tuple(cur.shape)}"
+            )
+        cur.copy_(new.to(device=cur.device, dtype=cur.dtype))

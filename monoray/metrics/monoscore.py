@@ -53,6 +53,7 @@ from monoray.metrics._checks import (
     check_rows,
     inv_row_norms,
     is_sparse,
+    load_tensor_state,
     raise_nonfinite,
     to_triplets,
     unit_rows,
@@ -320,19 +321,7 @@ class MonoScoreAccumulator:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> MonoScoreAccumulator:
         """Replace the state with `state` (as returned by `state_dict`). Returns `self`."""
-        keys = set(state)
-        if keys != set(self._KEYS):
-            raise InputError(
-                f"load_state_dict: expected keys {sorted(self._KEYS)}, got {sorted(keys)}"
-            )
-        for k in self._KEYS:
-            cur = getattr(self, k)
-            new = torch.as_tensor(state[k])
-            if tuple(new.shape) != tuple(cur.shape):
-                raise InputError(
-                    f"load_state_dict: {k} has shape {tuple(new.shape)}, expected {tuple(cur.shape)}"
-                )
-            cur.copy_(new.to(device=cur.device, dtype=cur.dtype))
+        load_tensor_state(self, state, self._KEYS)
         return self
 
     @classmethod

@@ -24,6 +24,7 @@ from monoray.metrics._checks import (
     check_finite_values,
     check_labels,
     is_sparse,
+    load_tensor_state,
     raise_nonfinite,
     to_triplets,
 )
@@ -117,18 +118,7 @@ class ClassPurityAccumulator:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> ClassPurityAccumulator:
         """Replace the state with `state` (as returned by `state_dict`). Returns `self`."""
-        if set(state) != {"counts", "mass"}:
-            raise InputError(
-                f"load_state_dict: expected keys ['counts', 'mass'], got {sorted(state)}"
-            )
-        for k in ("counts", "mass"):
-            new = torch.as_tensor(state[k])
-            cur = getattr(self, k)
-            if tuple(new.shape) != tuple(cur.shape):
-                raise InputError(
-                    f"load_state_dict: {k} has shape {tuple(new.shape)}, expected {tuple(cur.shape)}"
-                )
-            cur.copy_(new.to(device=cur.device, dtype=cur.dtype))
+        load_tensor_state(self, state, ("counts", "mass"))
         return self
 
     def per_latent(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -34,6 +34,7 @@ from monoray.metrics._checks import (
     check_finite_dense,
     check_finite_values,
     is_sparse,
+    load_tensor_state,
     to_triplets,
 )
 
@@ -170,18 +171,7 @@ class ReconstructionAccumulator:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> ReconstructionAccumulator:
         """Replace the state with `state` (as returned by `state_dict`). Returns `self`."""
-        if set(state) != set(self._KEYS):
-            raise InputError(
-                f"load_state_dict: expected keys {sorted(self._KEYS)}, got {sorted(state)}"
-            )
-        for k in self._KEYS:
-            new = torch.as_tensor(state[k])
-            cur = getattr(self, k)
-            if tuple(new.shape) != tuple(cur.shape):
-                raise InputError(
-                    f"load_state_dict: {k} has shape {tuple(new.shape)}, expected {tuple(cur.shape)}"
-                )
-            cur.copy_(new.to(device=cur.device, dtype=cur.dtype))
+        load_tensor_state(self, state, self._KEYS)
         return self
 
     def ss_tot(self) -> Tensor:
