@@ -147,7 +147,9 @@ class Triplets:
             return self
         c = self.source.coalesce()
         idx = c.indices()
-        return Triplets(idx[0], idx[1], c.values(), self.n_rows, self.n_cols)
+        return Triplets(
+            idx[0].contiguous(), idx[1].contiguous(), c.values(), self.n_rows, self.n_cols
+        )
 
     @property
     def nnz(self) -> int:
@@ -198,10 +200,11 @@ def to_triplets(
         if allow_duplicates and (r.numel() < 2 or bool((r[1:] >= r[:-1]).all())):
             # Rows already in order (what TopK code builds): skip the global sort;
             # the caller detects duplicates in its per-chunk sort and coalesces then.
-            return Triplets(r, raw[1], x._values(), n_rows, n_cols, unique=False, source=x)
+            row, col = r.contiguous(), raw[1].contiguous()
+            return Triplets(row, col, x._values(), n_rows, n_cols, unique=False, source=x)
         x = x.coalesce()
     idx, val = x.indices(), x.values()
-    return Triplets(idx[0], idx[1], val, n_rows, n_cols)
+    return Triplets(idx[0].contiguous(), idx[1].contiguous(), val, n_rows, n_cols)
 
 
 def check_finite_values(t: Triplets, name: str) -> None:
