@@ -5,8 +5,10 @@
     python bench/sae_step.py --quick          # small sizes, seconds (smoke test)
 
 A step is what `monoray.train` does per batch: forward_train, backward, decoder
-gradient projection, grad-norm clip 1.0, Adam (lr 1e-4, eps 6.25e-10), decoder
-renorm. Variants run interleaved (one step of each per round) so background
+gradient projection, grad-norm clip 1.0, Adam (lr 1e-4, eps 6.25e-10, fused as
+in the trainer), decoder renorm. MonoLoss runs at the SAE default
+`mono_precision` (float32 products, float64 statistics); `--mono-float64` also
+times the all-float64 variant (`auto_mono_float64`). Variants run interleaved (one step of each per round) so background
 load hits them alike. Prints one JSON object: ms per step (median and min) of
 `auto` (the implementation `impl="auto"` picks on this device, named in
 `path`), `auto_mono` (same with mono_coef > 0) and `dense` (plain autograd
@@ -118,25 +120,33 @@ def bench_arch(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape["batch"], shape["d_in"], generator=gen)
     x = (x / x.norm(dim=1, keepdim=True)).to(device)
-    variants = {"auto": ("auto", 0.0), "auto_mono": ("auto", MONO_COEF), "dense": ("dense", 0.0)}
+    default_precision = SAEConfig(arch=arch, d_in=1).mono_precision
+    variants = {
+        "auto": ("auto", 0.0, default_precision),
+        "auto_mono": ("auto", MONO_COEF, default_precision),
+        "dense": ("dense", 0.0, default_precision),
+    }
+    if args.mono_float64:
+        variants["auto_mono_float64"] = ("auto", MONO_COEF, "float64")
     if args.dense_mono:
-        variants["dense_mono"] = ("dense", MONO_COEF)
+        variants["dense_mono"] = ("dense", MONO_COEF, default_precision)
     steps: dict[str, Callable[[], str]] = {}
     models: dict[str, SparseAutoencoder] = {}
     paths: dict[str, str] = {}
-    for name, (impl, mono) in variants.items():
+    for name, (impl, mono, precision) in variants.items():
         cfg = SAEConfig(
             arch=arch,
             d_in=shape["d_in"],
             d_sae=shape["d_sae"],
             k=shape["k"],
             mono_coef=mono,
+            mono_precision=precision,
             impl=impl,
         )
         sae = build_sae(cfg).to(device)
         calibrate(sae, x, shape["k"])
         models[name] = sae
-        steps[name], _ = make_step(sae, x, args.fused_adam)
+        steps[name], _ = make_step(sae, x, not args.unfused_adam)
     for _ in range(warmup):
         for name, step in steps.items():
             paths[name] = step()
@@ -152,11 +162,12 @@ def bench_arch(
             times[name].append((time.perf_counter() - t0) * 1e3)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     best = {name: min(ts) for name, ts in times.items()}
-    mono_ms = time_mono(models["auto"], x, device, reps)
+    mono_ms = time_mono(models["auto"], x, device, reps, default_precision)
     ratio = best["auto_mono"] / best["auto"]
     speedup = best["dense"] / best["auto"]
     return {
         "path": paths["auto"],
+        "mono_precision": default_precision,
         "paths": paths,
         "ms_per_step": {
             name: {"median": round(med[name], 2), "min": round(min(ts), 2)}
@@ -174,7 +185,9 @@ def bench_arch(
     }
 
 
-def time_mono(sae: SparseAutoencoder, x: torch.Tensor, device: torch.device, reps: int) -> dict:
+def time_mono(
+    sae: SparseAutoencoder, x: torch.Tensor, device: torch.device, reps: int, precision: str
+) -> dict:
     """MonoLoss alone (the metrics core's sparse entry) on this batch's latents: ms."""
     from monoray.metrics import mono_loss_rows
 
@@ -184,7 +197,9 @@ def time_mono(sae: SparseAutoencoder, x: torch.Tensor, device: torch.device, rep
         values = lat.values.detach().requires_grad_()
         sync(device)
         t0 = time.perf_counter()
-        loss = mono_loss_rows(x, values, lat.col_indices, lat.row_offsets, lat.n_latents)
+        loss = mono_loss_rows(
+            x, values, lat.col_indices, lat.row_offsets, lat.n_latents, precision=precision
+        )
         sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -206,7 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--device", default="auto", help='"auto" (CUDA if available), "cpu", "cuda"')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--fused-adam", action="store_true", help="Adam(fused=True) instead")
+    p.add_argument("--unfused-adam", action="store_true", help="Adam(fused=False) instead")
+    p.add_argument("--mono-float64", action="store_true", help="also time float64 MonoLoss")
     p.add_argument("--dense-mono", action="store_true", help="also time dense + MonoLoss")
     for key, value in PAPER.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"{value}")
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine_info(device),
         "shape": shape,
         "step": "forward_train + backward + decoder grad projection + clip 1.0 + "
-        f"Adam(lr=1e-4, eps=6.25e-10{', fused' if args.fused_adam else ''}) + renorm",
+        f"Adam(lr=1e-4, eps=6.25e-10{'' if args.unfused_adam else ', fused'}) + renorm",
         "mono_coef": MONO_COEF,
         "reps": reps,
         "warmup": args.warmup,

@@ -72,6 +72,62 @@ def test_sparse_value_and_gradient_equal_pairwise_autograd(case, eps, layout) ->
         _close(vals.grad, ref_grad[idx[:, 0], idx[:, 1]])
 
 
+def _float32_error_bound(a: torch.Tensor, eps: float) -> float:
+    """First-order bound on the float32 products' error in one latent's batch score.
+
+    The products use raw activations: P_k = Σ a h carries a relative error of
+    ~n·2⁻²⁴, so the normalised `||P̃_k||²` is off by about `n·2⁻²⁴·scale_k²` with
+    `scale_k = Σ ã + n·|min_k|/range_k` (the raw-statistics correction's size,
+    as in `finish_scores`), and the score `num/den` by that over `den_k`.
+    """
+    lo, hi = a.amin(0), a.amax(0)
+    r = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    at = (a - lo) / r
+    u, v = at.sum(0), (at * at).sum(0)
+    den = 0.5 * (u * u - v)
+    active = (hi > lo) & (den > max(eps, 1e-12))
+    if not bool(active.any()):
+        return 1e-12
+    scale = u + a.shape[0] * lo.abs() / r
+    ratio = (scale * scale + 1.0)[active] / den[active]
+    return 4.0 * a.shape[0] * 2.0**-24 * float(ratio.max()) + 1e-12
+
+
+@given(cases(max_n=14), eps_values, st.sampled_from(["dense", "csr", "rows"]))
+def test_float32_products_stay_within_their_rounding_bound(case, eps, layout) -> None:
+    e, a = case.embeddings, case.activations
+    idx, cols, offsets = _rows(a)  # one shuffle for both precisions
+    got = {}
+    for precision in ("float64", "float32"):
+        vals = a[idx[:, 0], idx[:, 1]].clone().requires_grad_()
+        if layout == "rows":
+            m = a.shape[1]
+            loss = mono_loss_rows(e, vals, cols, offsets, m, eps=eps, precision=precision)
+        elif layout == "csr":
+            idx = torch.nonzero(a)  # row-major: the CSR order of the values
+            vals = a[idx[:, 0], idx[:, 1]].clone().requires_grad_()
+            sp = a.to_sparse_csr()
+            sp = torch.sparse_csr_tensor(sp.crow_indices(), sp.col_indices(), vals, a.shape)
+            loss = mono_loss(e, sp, eps=eps, precision=precision)
+        else:
+            vals = a.clone().requires_grad_()
+            loss = mono_loss(e, vals, eps=eps, precision=precision)
+        loss.backward()
+        got[precision] = (loss.detach(), vals.grad)
+    bound = _float32_error_bound(a, eps)
+    (l64, g64), (l32, g32) = got["float64"], got["float32"]
+    assert abs(float(l32 - l64)) <= bound
+    if g64.numel():
+        scale = max(1.0, float(g64.abs().max()))
+        assert float((g32 - g64).abs().max()) <= bound * scale
+
+
+def test_precision_is_validated() -> None:
+    e, a = torch.eye(3), torch.rand(3, 4)
+    with pytest.raises(InputError, match="precision"):
+        mono_loss(e, a, precision="float16")  # type: ignore[arg-type]
+
+
 def test_hand_value() -> None:
     # h1=(1,0), h2=(0,1), h3=(1,1)/√2; latent 0: ã=(1,0,1) -> MS = s13 = 1/√2;
     # latent 1: ã=(0, 1/2, 1) -> MS = s23 = 1/√2; latent 2 constant: inactive.

@@ -48,6 +48,8 @@ def assert_close(
 def make(
     arch: str, impl: str = "sparse", *, double: bool = True, **kw: object
 ) -> SparseAutoencoder:
+    if double:  # exactness checks: MonoLoss products in float64 too (the default is float32)
+        kw.setdefault("mono_precision", "float64")
     cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=K, impl=impl, seed=3, **kw)  # type: ignore[arg-type]
     sae = build_sae(cfg)
     if arch == "jumprelu":  # thresholds spread over the pre-activations' range

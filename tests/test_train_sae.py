@@ -105,6 +105,14 @@ def test_resume_reproduces_the_uninterrupted_run(digits: FeatureSplits, tmp_path
         train_sae(cfg.replace(k=9), digits, out_dir=tmp_path / "b", resume=True)
 
 
+def test_matryoshka_with_explicit_prefixes_resumes(digits: FeatureSplits, tmp_path: Path) -> None:
+    # Prefixes are a tuple in the config and a list in the checkpoint's JSON.
+    cfg = _cfg(digits, arch="matryoshka", matryoshka_prefixes=[16, 64, 128], epochs=2)
+    full = train_sae(cfg, digits, out_dir=tmp_path / "a", progress=False)
+    train_sae(cfg.replace(epochs=1), digits, out_dir=tmp_path / "b", progress=False)
+    assert train_sae(cfg, digits, out_dir=tmp_path / "b", resume=True, progress=False) == full
+
+
 def test_checkpoint_round_trip_and_eval_changes_nothing(
     digits: FeatureSplits, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

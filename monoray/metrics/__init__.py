@@ -4,7 +4,9 @@
   torch sparse activations; `MonoScoreAccumulator` for batches / shards /
   torch.distributed ranks; `monoscore_pairwise` is the O(N²) reference.
 - `mono_loss(E, A)`: differentiable batch MonoLoss (dense or sparse);
-  `mono_loss_rows` takes CSR-like arrays (the SAE fast path).
+  `mono_loss_rows` takes CSR-like arrays (the SAE fast path);
+  `mono_loss_global` is the same loss over the global batch of all
+  torch.distributed ranks (dense), `mono_term_for_ddp` its DDP gradient scaling.
 - `class_purity`, `r2_score`, `explained_variance`, `l0`, `dead_fraction`,
   with streaming accumulators (`ClassPurityAccumulator`,
   `ReconstructionAccumulator`).
@@ -15,6 +17,7 @@ Bad input raises `monoray.errors.InputError` (a `ValueError`) naming the
 argument. See PERFORMANCE.md for measured costs.
 """
 
+from monoray.metrics.distributed_loss import mono_loss_global, mono_term_for_ddp
 from monoray.metrics.loss import DEFAULT_EPS, mono_loss, mono_loss_rows
 from monoray.metrics.monoscore import (
     DEN_RTOL,
@@ -48,7 +51,9 @@ __all__ = [
     "explained_variance",
     "l0",
     "mono_loss",
+    "mono_loss_global",
     "mono_loss_rows",
+    "mono_term_for_ddp",
     "monoscore",
     "monoscore_pairwise",
     "monoscore_profile",

@@ -17,8 +17,9 @@ are never NaN (constant latents, a batch of one, all-zero latents). The set of
 active latents is a non-differentiable selection; the count is a constant.
 
 Embeddings are frozen features: they are detached (never receive gradients).
-Everything is computed in float64; the loss is returned in the activations'
-dtype, connected to the graph.
+Everything is computed in float64 (`precision="float32"` moves only the
+O(nnz·d) products to float32; a test bounds its error by their rounding); the
+loss is returned in the activations' dtype, connected to the graph.
 
 Two paths:
 - dense activations: plain autograd over float64 ops; the batch GEMM
@@ -40,6 +41,7 @@ Two paths:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -62,6 +64,9 @@ __all__ = ["DEFAULT_EPS", "mono_loss", "mono_loss_rows"]
 DEFAULT_EPS = 1e-6
 """Default absolute floor on the normalised batch denominator `Σ_{n<m} ã ã`."""
 
+Precision = Literal["float64", "float32"]
+PRECISIONS: tuple[str, ...] = ("float64", "float32")
+
 _F64 = torch.float64
 _BLOCK_BYTES = 8 << 20  # P = AᵀH is built in latent blocks of at most 8 MiB
 
@@ -74,28 +79,55 @@ def _loss_from_parts(
     return 1.0 - scores.sum() / count
 
 
-def _check_eps(eps: float) -> float:
+def check_eps(eps: float) -> float:
+    """`eps` as a float; raises unless it is finite and >= 0."""
     eps = float(eps)
     if not eps >= 0.0 or eps == float("inf"):
         raise InputError(f"eps: must be a finite number >= 0, got {eps}")
     return eps
 
 
+def _work_dtype(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return getattr(torch, precision)
+
+
 # ---------------------------------------------------------------- dense path
-def _dense_loss(h: Tensor, a: Tensor, eps: float) -> Tensor:
-    x = a.to(_F64)
-    n = int(x.shape[0])
-    mn, mx = torch.amin(x, 0), torch.amax(x, 0)
+# The pieces are shared with `distributed_loss.mono_loss_global`, which sums
+# `dense_stats` over ranks between the two ends.
+def safe_range(mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    """`(r_safe, spread)`: `r = max - min` where `r > 0`, else 1; and the detached mask `r > 0`."""
     r = mx - mn
     spread = (r > 0).detach()
-    rs = torch.where(spread, r, torch.ones_like(r))
+    return torch.where(spread, r, torch.ones_like(r)), spread
+
+
+def dense_stats(
+    h: Tensor, x: Tensor, mn: Tensor, rs: Tensor, work: torch.dtype = _F64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(u, v, W)` of `Ã = (x - min) / r_safe`: `Σ ã`, `Σ ã²` [M], `ÃᵀH` [M, d] (GEMM in `work`)."""
     at = (x - mn) / rs
     u = at.sum(0)
     v = (at * at).sum(0)
-    w = at.T @ h  # [M, d]
+    w = (at.T.to(work) @ h.to(work)).to(_F64)
+    return u, v, w
+
+
+def loss_from_stats(
+    u: Tensor, v: Tensor, w: Tensor, mn: Tensor, rs: Tensor, spread: Tensor, n: int, eps: float
+) -> Tensor:
+    """The float64 MonoLoss of a batch of `n` rows from its `dense_stats`."""
     q = (w * w).sum(1)
-    loss = _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
-    return loss.to(a.dtype)
+    return _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
+
+
+def _dense_loss(h: Tensor, a: Tensor, eps: float, work: torch.dtype) -> Tensor:
+    x = a.to(_F64)
+    mn, mx = torch.amin(x, 0), torch.amax(x, 0)
+    rs, spread = safe_range(mn, mx)
+    u, v, w = dense_stats(h, x, mn, rs, work)
+    return loss_from_stats(u, v, w, mn, rs, spread, int(x.shape[0]), eps).to(a.dtype)
 
 
 # --------------------------------------------------------------- sparse path
@@ -153,29 +185,30 @@ class _SparseMonoStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, h: Tensor, hdot: Tensor, plan: _Plan):  # type: ignore[override]
+    def forward(ctx, values: Tensor, h: Tensor, hw: Tensor, hdot: Tensor, plan: _Plan):  # type: ignore[override]
         v = values.detach().to(_F64)
         m, b = plan.n_cols, plan.n_rows
         s1, s2, mn, mx, _ = column_stats(plan.col, v, b, m)
         if not bool(torch.isfinite(s2).all()):  # NaN/inf values (or |a| > 1e150)
             _raise_bad_values(v, plan.row, plan.name)
-        vt = v[plan.perm]  # values of Aᵀ in its CSR (column-major) order
+        # The O(nnz·d) products run in hw's dtype (see `precision`); the rest in float64.
+        vt = v[plan.perm].to(hw.dtype)  # values of Aᵀ in its CSR (column-major) order
         need_grad = bool(ctx.needs_input_grad[0])
-        sdd_t = torch.empty_like(v) if need_grad else None
-        q_raw = torch.empty(m, dtype=_F64, device=v.device)
+        sdd_t = torch.empty_like(vt) if need_grad else None
+        p_norm = torch.empty(m, dtype=hw.dtype, device=v.device)
         width = max(k1 - k0 for k0, k1, _, _ in plan.blocks)
-        buf = torch.empty(width, h.shape[1], dtype=_F64, device=v.device)
-        h_t = h.T
+        buf = torch.empty(width, hw.shape[1], dtype=hw.dtype, device=v.device)
+        h_t = hw.T
         for k0, k1, lo, hi in plan.blocks:
             crow = plan.at_crow[k0 : k1 + 1] - lo
             pb = buf[: k1 - k0]
             at_b = csr(crow, plan.at_col[lo:hi], vt[lo:hi], (k1 - k0, b))
-            torch.addmm(pb, at_b, h, beta=0.0, out=pb)  # P[k0:k1]; beta=0: no zero-fill pass
-            torch.linalg.vector_norm(pb, dim=1, out=q_raw[k0:k1])  # ||P_k||
+            torch.addmm(pb, at_b, hw, beta=0.0, out=pb)  # P[k0:k1]; beta=0: no zero-fill pass
+            torch.linalg.vector_norm(pb, dim=1, out=p_norm[k0:k1])  # ||P_k||
             if need_grad and hi > lo:
                 pattern = csr(crow, plan.at_col[lo:hi], vt[lo:hi], (k1 - k0, b))  # beta=0
                 sdd_t[lo:hi] = torch.sparse.sampled_addmm(pattern, pb, h_t, beta=0.0).values()
-        q_raw.square_()
+        q_raw = p_norm.to(_F64).square_()
         hdot_e = hdot[plan.row]  # h_i·Hsum at each entry
         t = col_sum(plan.col, v * hdot_e, m)
         if need_grad:
@@ -183,7 +216,7 @@ class _SparseMonoStats(torch.autograd.Function):
             x = torch.empty(v.numel(), 6, dtype=_F64, device=v.device)
             x[:, 0] = 1.0
             torch.mul(v, 2.0, out=x[:, 1])
-            x[plan.perm, 2] = sdd_t
+            x[plan.perm, 2] = sdd_t.to(_F64)
             x[:, 2] *= 2.0
             x[:, 3] = hdot_e
             implicit = b - plan.counts  # unstored (zero) entries per column
@@ -204,7 +237,7 @@ class _SparseMonoStats(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         coef = torch.stack([g1, g2, gq, gt, gmn, gmx], dim=1)  # [M, 6]
         grad = torch.linalg.vecdot(coef.index_select(0, ctx.plan.col), x)
-        return grad.to(ctx.in_dtype), None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None
 
 
 def _raise_bad_values(v: Tensor, row: Tensor, name: str) -> None:
@@ -217,12 +250,12 @@ def _raise_bad_values(v: Tensor, row: Tensor, name: str) -> None:
 
 
 def _sparse_loss(
-    h: Tensor, values: Tensor, plan: _Plan, eps: float, out_dtype: torch.dtype
+    h: Tensor, values: Tensor, plan: _Plan, eps: float, out_dtype: torch.dtype, work: torch.dtype
 ) -> Tensor:
     n = plan.n_rows
     hsum = h.sum(0)
     hdot = h @ hsum
-    s1, s2, q_raw, t, mn, mx = _SparseMonoStats.apply(values, h, hdot, plan)
+    s1, s2, q_raw, t, mn, mx = _SparseMonoStats.apply(values, h, h.to(work), hdot, plan)
     r = mx - mn
     spread = (r > 0).detach()
     rs = torch.where(spread, r, torch.ones_like(r))
@@ -235,7 +268,13 @@ def _sparse_loss(
 
 
 # ------------------------------------------------------------------- public
-def mono_loss(embeddings: object, activations: object, *, eps: float = DEFAULT_EPS) -> Tensor:
+def mono_loss(
+    embeddings: object,
+    activations: object,
+    *,
+    eps: float = DEFAULT_EPS,
+    precision: Precision = "float64",
+) -> Tensor:
     """Batch MonoLoss `1 - mean_{active k} MS_k` (scalar, activations' dtype).
 
     embeddings [B, d] (frozen; detached), activations [B, M] dense or torch
@@ -243,8 +282,12 @@ def mono_loss(embeddings: object, activations: object, *, eps: float = DEFAULT_E
     (`values()` of a coalesced COO or a CSR tensor keeps the autograd link in
     torch 2.15; an uncoalesced COO is coalesced differentiably first) and the
     cost is O(nnz·d) instead of O(B·M·d).
+
+    `precision="float32"` runs the O(nnz·d) products (`P = ÃᵀH` and the sampled
+    `h_i·P_k`) in float32 and everything else in float64: ~2.5x faster on CPU,
+    for a per-latent error of about `1e-7·q_k/den_k` (see `FLOAT32_EPS`).
     """
-    eps = _check_eps(eps)
+    eps, work = check_eps(eps), _work_dtype(precision)
     e = as_tensor(embeddings, "embeddings")
     check_2d_float(e, "embeddings")
     a = check_activations(activations)
@@ -252,12 +295,12 @@ def mono_loss(embeddings: object, activations: object, *, eps: float = DEFAULT_E
     h = unit_rows(e.to(a.device))
     if not is_sparse(a):
         check_finite_dense(a.detach(), "activations")
-        return _dense_loss(h, a, eps)
+        return _dense_loss(h, a, eps, work)
     t = to_triplets(a)  # finiteness is checked inside the statistics pass
     plan = _make_plan(
         t.row, t.col, t.n_rows, t.n_cols, int(h.shape[1]), "activations", "activations"
     )
-    return _sparse_loss(h, t.val, plan, eps, a.dtype)
+    return _sparse_loss(h, t.val, plan, eps, a.dtype, work)
 
 
 def mono_loss_rows(
@@ -268,6 +311,7 @@ def mono_loss_rows(
     n_latents: int,
     *,
     eps: float = DEFAULT_EPS,
+    precision: Precision = "float64",
 ) -> Tensor:
     """Sparse MonoLoss from CSR-like arrays, without building a torch sparse tensor.
 
@@ -280,9 +324,9 @@ def mono_loss_rows(
 
     TopK output `vals, idx = z.topk(k, dim=1)` (B rows, k each) maps to
     `mono_loss_rows(x, vals.relu().reshape(-1), idx.reshape(-1),
-    torch.arange(0, B*k + 1, k), n_latents)`.
+    torch.arange(0, B*k + 1, k), n_latents)`. `precision` as in `mono_loss`.
     """
-    eps = _check_eps(eps)
+    eps, work = check_eps(eps), _work_dtype(precision)
     e = as_tensor(embeddings, "embeddings")
     check_2d_float(e, "embeddings")
     if not isinstance(values, Tensor) or values.dim() != 1 or not values.dtype.is_floating_point:
@@ -317,4 +361,4 @@ def mono_loss_rows(
     row = torch.repeat_interleave(torch.arange(b, device=col.device), counts, output_size=nnz)
     h = unit_rows(e.to(values.device))
     plan = _make_plan(row, col, b, m, int(h.shape[1]), "col_indices", "values")
-    return _sparse_loss(h, values, plan, eps, values.dtype)
+    return _sparse_loss(h, values, plan, eps, values.dtype, work)

@@ -192,9 +192,9 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.mono_coef == 0:
             return None
         emb = embeddings.detach()
-        eps = self.cfg.mono_eps
+        eps, precision = self.cfg.mono_eps, self.cfg.mono_precision
         if isinstance(latents, Tensor):
-            return metrics.mono_loss(emb, latents, eps=eps)
+            return metrics.mono_loss(emb, latents, eps=eps, precision=precision)
         return metrics.mono_loss_rows(
             emb,
             latents.values,
@@ -202,6 +202,7 @@ class SparseAutoencoder(nn.Module):
             latents.row_offsets,
             latents.n_latents,
             eps=eps,
+            precision=precision,
         )
 
     def _loss(self, **terms: Any) -> SAELoss:

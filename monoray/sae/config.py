@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from monoray.errors import InputError
+from monoray.metrics.loss import PRECISIONS, Precision
 
 Arch = Literal["topk", "batchtopk", "jumprelu", "vanilla", "matryoshka"]
 ARCH_NAMES: tuple[str, ...] = typing.get_args(Arch)
@@ -43,6 +44,10 @@ class SAEConfig:
     """MonoLoss weight λ: loss = base + λ * (1 - mean batch MonoScore). 0 skips MonoLoss."""
     mono_eps: float = 1e-6
     """MonoLoss: a latent counts as active when its batch denominator exceeds this."""
+    mono_precision: Precision = "float32"
+    """MonoLoss: dtype of its O(nnz·d) products (P = AᵀH and the sampled backward);
+    everything else is float64. "float32" is ~2.5x faster on CPU with gradients within
+    ~1e-5 relative of "float64" (the exact reference); see `monoray.metrics.mono_loss`."""
     l1_coef: float = 1e-4
     """vanilla: weight of the L1 term (mean over the batch of the summed latent values)."""
     jumprelu_bandwidth: float = 1e-3
@@ -80,6 +85,11 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCH_NAMES:
             raise InputError(f"arch must be one of {', '.join(ARCH_NAMES)}, got {self.arch!r}")
+        if self.mono_precision not in PRECISIONS:
+            raise InputError(
+                f"mono_precision must be one of {', '.join(PRECISIONS)}, "
+                f"got {self.mono_precision!r}"
+            )
         if self.impl not in IMPLS:
             raise InputError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
         if self.schema_version != SCHEMA_VERSION:
