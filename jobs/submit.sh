@@ -16,6 +16,11 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] \
+  && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+  echo "jobs/submit.sh: no Ray token: copy the head's (ssh head ray get-auth-token > ~/.ray/auth_token; chmod 600 ~/.ray/auth_token) or set RAY_AUTH_TOKEN" >&2
+  exit 2
+fi
 exec ray job submit \
   --address "$RAY_ADDRESS" \
   --runtime-env jobs/runtime_env.yaml \

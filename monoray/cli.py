@@ -17,8 +17,10 @@ COMMANDS = {
     "inspect": "monoray.train.inspect_cli",
     "sweep": "monoray.sweep.cli",
     "pareto": "monoray.sweep.pareto_cli",
+    "audit": "monoray.sweep.audit_cli",
     "ui": "monoray.sweep.ui_cli",
     "extract": "monoray.extract.cli",
+    "finetune": "monoray.finetune.cli",
 }
 
 

@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from monoray.sweep.audit import audit_sweep
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.runner import SweepOptions, run_sweep
 from monoray.sweep.search import BASELINE_ATTR, FAIL_ATTR
@@ -197,6 +198,8 @@ def test_driver_killed_then_resumed_finishes_exactly_n(project: Path) -> None:
     done = subprocess.run(_sweep_cmd(project, "--resume"), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_consistent(project, "demo", 4, epochs=3)
+    report = audit_sweep("demo", root=project)  # checkpoints and metric steps too
+    assert report.ok, report.problems
 
 
 def test_dry_run_uses_a_throwaway_study(ray_session, project: Path, capsys) -> None:

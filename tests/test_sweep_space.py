@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -18,7 +20,11 @@ def test_shipped_spaces_load(path: Path) -> None:
     space = load_space(path)
     assert space.objectives
     assert space.budget.num_samples >= 1
-    assert all(p.name != "mono_coef" or p.type == "loguniform" for p in space.search)
+    if space.sampler.type == "grid":  # the paper's finetuning grid, λ = 0 included
+        lam = next(p for p in space.search if p.name == "mono_coef")
+        assert lam.choices == (0, 0.03, 0.05, 0.07, 0.1) and space.budget.num_samples == 5
+    else:
+        assert all(p.name != "mono_coef" or p.type == "loguniform" for p in space.search)
 
 
 def test_demo_space_defaults() -> None:
@@ -175,3 +181,55 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, args, needl
     assert len(err.splitlines()) == 1, err
     assert needle in err
     assert "Traceback" not in err
+
+
+GRID = {
+    "sampler": {"type": "grid"},
+    "search": {
+        "mono_coef": {"type": "categorical", "choices": [0, 0.01]},
+        "k": {"type": "categorical", "choices": [4, 8, 16]},
+    },
+    "budget": {"num_samples": 6},
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        (
+            {"search__k": {"type": "int", "low": 4, "high": 16}},
+            "search.k.type: expected categorical",
+        ),
+        ({"budget__num_samples": 5}, "budget.num_samples: expected 6, the number of grid points"),
+        (
+            {"search__mono_coef__when": {"k": [4]}},
+            "search.mono_coef.when: expected no `when` with sampler.type grid",
+        ),
+    ],
+)
+def test_grid_space_errors(tmp_path: Path, changes: dict, needle: str) -> None:
+    doc = {**mutate(), **yaml.safe_load(yaml.safe_dump(GRID))}
+    for dotted, value in changes.items():
+        node = doc
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    with pytest.raises(InputError, match=re.escape(needle)):
+        load_space(write(tmp_path, doc))
+
+
+def test_grid_enqueues_every_point_once_with_the_zero_point_as_baseline(tmp_path: Path) -> None:
+    from monoray.sweep.search import BASELINE_ATTR, open_study, storage_for
+
+    space = load_space(write(tmp_path, {**mutate(), **GRID}))
+    storage = storage_for(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = open_study(space, "grid", storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.WAITING] * 6
+    points = [(t.system_attrs["fixed_params"], t.user_attrs) for t in study.trials]
+    # the file's order (safe_dump sorts keys: k, then mono_coef), first parameter slowest
+    assert [p for p, _ in points] == [
+        {"k": k, "mono_coef": lam} for k in (4, 8, 16) for lam in (0, 0.01)
+    ]
+    assert [bool(a.get(BASELINE_ATTR)) for _, a in points] == [True, False] * 3
+    assert len(open_study(space, "grid", storage).trials) == 6  # reopening adds nothing

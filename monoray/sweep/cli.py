@@ -17,9 +17,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="sweep name (default: the space's name); one study per name")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: <root>/mlflow.db)")
     p.add_argument(
-        "--storage", help="Optuna RDB URL, sqlite or postgresql (default: <root>/optuna.db)"
+        "--tracking-uri",
+        help="MLflow tracking URI: sqlite, postgresql or an http(s) MLflow server "
+        "(default: <root>/mlflow.db)",
+    )
+    p.add_argument(
+        "--storage",
+        help="Optuna RDB URL: sqlite or postgresql, e.g. postgresql://user@db/optuna "
+        "(default: <root>/optuna.db)",
     )
     p.add_argument("--root", help="project directory (default: ./monoray-runs or $MONORAY_HOME)")
     p.add_argument("--num-samples", type=int, help="override budget.num_samples")
@@ -51,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--num-samples: expected an integer >= 1, got {args.num_samples}")
         overrides.append(f"budget.num_samples={args.num_samples}")
     space = load_space(args.space, overrides)
+    # Shared backends (PostgreSQL, an MLflow server): unreachable is one line, before anything runs.
+    if args.storage:
+        from monoray.sweep.search import storage_for
+
+        storage_for(args.storage).remove_session()
+    if args.tracking_uri:
+        from monoray.sweep.tracking import check_tracking_uri
+
+        check_tracking_uri(args.tracking_uri)
     opts = SweepOptions(
         name=args.name,
         resume=args.resume,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from monoray.sweep.paths import add_store_args
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pareto", help="print and record the Pareto front of a sweep")
     p.add_argument("sweep", help="sweep name")
-    p.add_argument("--root", help="project directory (default: ./monoray-runs or $MONORAY_HOME)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: <root>/mlflow.db)")
-    p.add_argument("--storage", help="Optuna RDB URL (default: <root>/optuna.db)")
+    add_store_args(p)
     p.set_defaults(run=run)
 
 

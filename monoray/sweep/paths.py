@@ -7,6 +7,7 @@ Everything here is resolved to an absolute path once, in the driver.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,3 +56,10 @@ class ProjectPaths:
 
     def sweep_dir(self, name: str) -> Path:
         return self.root / "sweeps" / name
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """`--root`, `--tracking-uri`, `--storage`: where a command finds a sweep's records."""
+    p.add_argument("--root", help="project directory (default: ./monoray-runs or $MONORAY_HOME)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: <root>/mlflow.db)")
+    p.add_argument("--storage", help="Optuna RDB URL (default: <root>/optuna.db)")

@@ -33,8 +33,8 @@ from monoray.sweep.search import (
     release_orphans,
     storage_for,
 )
-from monoray.sweep.space import Data, SweepSpace
-from monoray.sweep.tracking import MlflowTracker
+from monoray.sweep.space import Data, SweepSpace, extreme_points
+from monoray.sweep.tracking import MlflowTracker, artifact_root_for
 from monoray.sweep.trial import sae_trial
 
 DRY_RUN_SAMPLES = 256
@@ -90,29 +90,25 @@ def load_splits(data: Data) -> FeatureSplits:
 
 
 def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
-    """Fail before anything starts if the fixed params plus a sampled point do not build."""
+    """Fail before anything starts if the fixed params plus any extreme point do not build."""
     from monoray.train.config import TrainConfig
 
-    sample = dict(space.fixed)
-    for p in space.search:
-        if p.type == "categorical":
-            sample.setdefault(p.name, p.choices[0])
-        elif p.type == "int":
-            sample.setdefault(p.name, int(p.low))
-        else:
-            sample.setdefault(p.name, p.low)
-    sample = {
-        k: v for k, v in sample.items() if not any(k == q.name and q.when for q in space.search)
-    }
-    try:
-        TrainConfig.from_dict({**sample, "d_in": splits.train.dim})
-    except InputError as err:
-        raise InputError(f"{space.path}: {err}") from None
+    for point in extreme_points(space):
+        try:
+            TrainConfig.from_dict({**space.fixed, **point, "d_in": splits.train.dim})
+        except InputError as err:
+            at = f" (at search point {point})" if point else ""
+            raise InputError(f"{space.path}: {err}{at}") from None
 
 
 def check_resources(space: SweepSpace) -> None:
     total = ray.cluster_resources()
-    for key, wanted in (("cpu", space.resources.cpu), ("gpu", space.resources.gpu)):
+    demand = (space.resources.cpu, space.resources.gpu)
+    if space.kind == "finetune":
+        from monoray.finetune.trial import trial_demand
+
+        demand = trial_demand(space)  # Train workers plus the trial function
+    for key, wanted in zip(("cpu", "gpu"), demand, strict=True):
         have = float(total.get(key.upper(), 0.0))
         if wanted > have:
             raise InputError(
@@ -169,8 +165,14 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             "or --name to start another"
         )
 
-    splits = load_splits(space.data)
-    check_trial_config(space, splits)
+    splits = None
+    if space.kind == "finetune":
+        from monoray.finetune.trial import check_finetune_space, finetune_trainable
+
+        check_finetune_space(space)
+    else:
+        splits = load_splits(space.data)
+        check_trial_config(space, splits)
     storage_url = opts.storage or paths.optuna_url
     tracking_uri = opts.tracking_uri or paths.tracking_uri
     storage = storage_for(storage_url)
@@ -189,13 +191,16 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         name,
         space=space.to_dict(),
         metrics=space.metric_names,
-        artifact_root=paths.artifacts if opts.tracking_uri is None else None,
+        artifact_root=artifact_root_for(tracking_uri, paths.artifacts),
     )
     progress = SweepProgress(space.budget.num_samples, space.metric_names, enabled=opts.progress)
-    trainable = tune.with_resources(
-        tune.with_parameters(sae_trial, splits=splits),
-        {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
-    )
+    if splits is None:  # kind: finetune; Train runs persist next to the Tune trials
+        trainable = finetune_trainable(space, storage=exp_dir / "train-runs")
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(sae_trial, splits=splits),
+            {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
+        )
 
     if opts.resume:
         tracker.open_parent()

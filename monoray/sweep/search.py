@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from monoray.sweep.space import Param, SweepSpace
+from monoray.sweep.space import Param, SweepSpace, grid_points
 
 BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
@@ -43,17 +43,58 @@ def build_sampler(space: SweepSpace) -> optuna.samplers.BaseSampler:
             return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
         case "gp":
             return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
-        case "random":
+        case "random" | "grid":
+            # grid: every point is enqueued by `open_study`, so nothing is ever sampled.
+            # (Optuna's GridSampler calls Study.stop(), which raises under ask/tell.)
             return optuna.samplers.RandomSampler(seed=s.seed)
     raise AssertionError(s.type)
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql")
+"""Optuna RDB backends monoray supports: SQLite for one machine, PostgreSQL for a cluster."""
+
+
+def with_driver(url: str) -> str:
+    """`postgresql://` with the driver monoray ships (psycopg2); SQLAlchemy 2.1 picks psycopg 3."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if sep and scheme == "postgresql" else url
+
+
+def redact(url: str) -> str:
+    """A database URL fit for messages: the password replaced by ***."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def storage_for(url: str) -> optuna.storages.RDBStorage:
+    """Open (creating the schema if needed) an Optuna RDB storage; `InputError` if it cannot."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from monoray.errors import InputError
+
+    scheme = url.partition(":")[0].partition("+")[0]
+    if scheme not in STORAGE_SCHEMES:
+        raise InputError(
+            f"storage {redact(url)}: expected a {' or '.join(STORAGE_SCHEMES)} URL, "
+            "e.g. postgresql://user@host/db"
+        )
     kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    if scheme == "sqlite":
         # One writer (the Tune driver), but `monoray pareto` may read concurrently.
         kwargs = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    else:
+        kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    try:
+        return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=kwargs)
+    except (SQLAlchemyError, ImportError, ValueError) as err:
+        first = str(getattr(err, "orig", None) or err).strip().splitlines()
+        reason = first[0] if first else type(err).__name__
+        raise InputError(f"storage {redact(url)}: cannot open it ({reason})") from None
 
 
 def open_study(space: SweepSpace, name: str, storage: optuna.storages.RDBStorage) -> optuna.Study:
@@ -71,13 +112,20 @@ def open_study(space: SweepSpace, name: str, storage: optuna.storages.RDBStorage
         from monoray.errors import InputError
 
         raise InputError(
-            f"study {name!r} in {storage.url} has other objectives; pick another --name"
+            f"study {name!r} in {redact(storage.url)} has other objectives; pick another --name"
         )
     if not study.metric_names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(space.metric_names)
-    if space.baseline.enabled and not study.trials:
+    if study.trials:
+        return study
+    if space.sampler.type == "grid":
+        # The λ = 0 points of the grid are its baselines (no extra trial).
+        for point in grid_points(space.search)[: space.budget.num_samples]:
+            base = space.baseline.enabled and point.get("mono_coef") == 0
+            study.enqueue_trial(point, user_attrs={BASELINE_ATTR: True} if base else {})
+    elif space.baseline.enabled:
         study.enqueue_trial(dict(space.baseline.params), user_attrs={BASELINE_ATTR: True})
     return study
 

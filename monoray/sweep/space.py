@@ -12,8 +12,10 @@ YAML is read with `yaml.safe_load`: a space cannot construct Python objects.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,17 +27,20 @@ from monoray.train.evaluate import VAL_KEYS
 
 Kind = Literal["sae", "finetune"]
 ParamType = Literal["loguniform", "uniform", "int", "categorical"]
-SamplerType = Literal["tpe", "nsga2", "gp", "random"]
+SamplerType = Literal["tpe", "nsga2", "gp", "random", "grid"]
 Mode = Literal["max", "min"]
 
 KINDS = ("sae", "finetune")
 PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 MODES = ("max", "min")
 DEFAULT_OBJECTIVES = (("r2", "max"), ("monoscore_mean", "max"))
+DEFAULT_FINETUNE_OBJECTIVES = (("accuracy", "max"), ("monoscore_mean", "max"))
 # Metrics a trial reports (val split, last epoch) that objectives/constraints may name.
 SAE_METRICS = VAL_KEYS
 FINETUNE_METRICS = ("accuracy", "top5", "monoscore_mean", "monoscore_mean_active", "purity_binary")
+_MAX_INT_FLOAT = 2**1023
+"""Larger YAML integers do not convert to a float."""
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -121,6 +126,8 @@ class Data:
     val_features: str | None = None
     subset: int | None = None
     """Use only the first N training samples (dry runs, smoke tests)."""
+    embeddings: str | None = None
+    """finetune: the CLIP embedding store(s) of `features` (the images), from `monoray extract`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +190,14 @@ class _Reader:
         shown = "" if got is None else f", got {got!r}"
         return InputError(f"{self.file}: {key}: expected {expected}{shown}")
 
-    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+    def mapping(self, value: Any, key: str, allowed: set[str] | None) -> dict[str, Any]:
+        """A mapping whose keys are all in `allowed` (`None`: any key)."""
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise self.fail(key, "a mapping", value)
         for k in value:
-            if k not in allowed:
+            if allowed is not None and k not in allowed:
                 where = k if key == TOP else f"{key}.{k}"
                 raise InputError(
                     f"{self.file}: {where}: unknown key (expected one of {', '.join(sorted(allowed))})"
@@ -199,6 +207,8 @@ class _Reader:
     def number(self, value: Any, key: str, *, positive: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(key, "a number", value)
+        if isinstance(value, int) and abs(value) > _MAX_INT_FLOAT:
+            raise self.fail(key, "a finite number", "an integer too large for a float")
         if not math.isfinite(value) or (positive and value <= 0):
             raise self.fail(
                 key, "a finite positive number" if positive else "a finite number", value
@@ -234,9 +244,7 @@ def _param(r: _Reader, name: str, raw: Any) -> Param:
     kind = r.choice(raw["type"], f"{key}.type", PARAM_TYPES)
     when = tuple(
         (str(other), tuple(v) if isinstance(v, list) else (v,))
-        for other, v in r.mapping(
-            raw.get("when"), f"{key}.when", set(raw.get("when") or {})
-        ).items()
+        for other, v in r.mapping(raw.get("when"), f"{key}.when", None).items()
     )
     if kind == "categorical":
         choices = raw.get("choices")
@@ -276,12 +284,19 @@ def _constraint(r: _Reader, index: int, raw: Any, metrics: tuple[str, ...]) -> C
     metric, op, bound = match.groups()
     if metric not in metrics:
         raise r.fail(key, f"a metric among {', '.join(metrics)}", metric)
-    return Constraint(metric, op, float(bound))  # type: ignore[arg-type]
+    try:
+        value = float(bound)
+    except ValueError:
+        raise r.fail(key, "a number after the operator", bound) from None
+    if not math.isfinite(value):
+        raise r.fail(key, "a finite bound", bound)
+    return Constraint(metric, op, value)  # type: ignore[arg-type]
 
 
 def _objectives(r: _Reader, raw: Any, metrics: tuple[str, ...]) -> tuple[Objective, ...]:
     if raw is None:
-        return tuple(Objective(m, mode) for m, mode in DEFAULT_OBJECTIVES)  # type: ignore[arg-type]
+        default = DEFAULT_FINETUNE_OBJECTIVES if metrics == FINETUNE_METRICS else DEFAULT_OBJECTIVES
+        return tuple(Objective(m, mode) for m, mode in default)  # type: ignore[arg-type]
     if not isinstance(raw, list) or not raw:
         raise r.fail("objectives", "a non-empty list of {metric, mode}", raw)
     out = []
@@ -310,7 +325,12 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str], file: Path) -> di
             if not isinstance(child, dict):
                 raise InputError(f"--set {key}: {file}: {part} is not a mapping")
             node = child
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise InputError(
+                f"--set {key}: value is not valid YAML: {getattr(err, 'problem', err)}"
+            ) from None
         if value is None:
             node.pop(parts[-1], None)
         else:
@@ -321,18 +341,25 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str], file: Path) -> di
 def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpace:
     """Read, override and validate a space file. Raises `InputError` on any problem."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise InputError(f"{file}: search space file not found")
     try:
-        doc = yaml.safe_load(file.read_text())
+        doc = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise InputError(f"{file}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{file}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"{file}: cannot read the search space ({err.strerror})") from None
+    except RecursionError:
+        raise InputError(f"{file}: not valid YAML: nested too deeply") from None
     r = _Reader(file)
     doc = r.mapping(doc, TOP, TOP_KEYS)
     doc = apply_overrides(dict(doc), overrides or [], file)
     r.mapping(doc, TOP, TOP_KEYS)
+    from_command_line = {item.partition("=")[0].strip() for item in overrides or []}
 
     kind = r.choice(doc.get("kind", "sae"), "kind", KINDS)
     metrics = SAE_METRICS if kind == "sae" else FINETUNE_METRICS
@@ -340,7 +367,9 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise r.fail("name", "letters, digits, '.', '_' or '-'", name)
 
-    data_raw = r.mapping(doc.get("data"), "data", {"features", "val_features", "subset"})
+    data_raw = r.mapping(
+        doc.get("data"), "data", {"features", "val_features", "subset", "embeddings"}
+    )
     features = data_raw.get("features", "digits")
     if not isinstance(features, str) or not features:
         raise r.fail("data.features", "'digits' or a path", features)
@@ -351,14 +380,17 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     if subset is not None:
         subset = r.integer(subset, "data.subset", minimum=2)
     data = Data(
-        features=_resolve_data_path(features, file),
-        val_features=_resolve_data_path(val_features, file) if val_features else None,
+        features=_data_path(r, "data.features", features, from_command_line),
+        val_features=_data_path(r, "data.val_features", val_features, from_command_line)
+        if val_features
+        else None,
         subset=subset,
+        embeddings=_embeddings(r, kind, data_raw.get("embeddings"), from_command_line),
     )
 
-    fixed = r.mapping(doc.get("fixed"), "fixed", set(doc.get("fixed") or {}))
+    fixed = r.mapping(doc.get("fixed"), "fixed", None)
     fixed = {k: _coerce_number(v) for k, v in fixed.items()}
-    search_raw = r.mapping(doc.get("search"), "search", set(doc.get("search") or {}))
+    search_raw = r.mapping(doc.get("search"), "search", None)
     search = tuple(_param(r, str(n), v) for n, v in search_raw.items())
     names = [p.name for p in search]
     for p in search:
@@ -411,9 +443,14 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         params = r.mapping(base.get("params"), "baseline.params", set(names))
         for pname, value in params.items():
             _check_baseline_value(r, next(p for p in search if p.name == pname), value)
-        baseline = Baseline(enabled=bool(base.get("enabled", True)), params=dict(params))
+        enabled = base.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise r.fail("baseline.enabled", "true or false", enabled)
+        baseline = Baseline(enabled=enabled, params=dict(params))
     if baseline.enabled and "mono_coef" in fixed:
         raise r.fail("baseline", "false when mono_coef is fixed (the baseline sets mono_coef = 0)")
+    if sampler.type == "grid":
+        _check_grid(r, search, budget)
 
     description = doc.get("description") or ""
     space = SweepSpace(
@@ -435,6 +472,25 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     return space
 
 
+def grid_points(search: tuple[Param, ...]) -> list[dict[str, Any]]:
+    """Every combination of the searched choices (sampler `grid`), first parameter slowest."""
+    names = [p.name for p in search]
+    return [
+        dict(zip(names, c, strict=True)) for c in itertools.product(*(p.choices for p in search))
+    ]
+
+
+def _check_grid(r: _Reader, search: tuple[Param, ...], budget: Budget) -> None:
+    for p in search:
+        if p.type != "categorical":
+            raise r.fail(f"search.{p.name}.type", "categorical with sampler.type grid", p.type)
+        if p.when:
+            raise r.fail(f"search.{p.name}.when", "no `when` with sampler.type grid")
+    size = math.prod(len(p.choices) for p in search)
+    if budget.num_samples != size:
+        raise r.fail("budget.num_samples", f"{size}, the number of grid points", budget.num_samples)
+
+
 def _non_negative(r: _Reader, value: Any, key: str) -> float:
     value = r.number(value, key)
     if value < 0:
@@ -454,10 +510,58 @@ def _check_baseline_value(r: _Reader, p: Param, value: Any) -> None:
         raise r.fail(key, f"a value in [{p.low:g}, {p.high:g}]", value)
 
 
-def _resolve_data_path(value: str, file: Path) -> str:
-    if value == "digits" or Path(value).is_absolute():
+def _embeddings(r: _Reader, kind: str, value: Any, from_command_line: set[str]) -> str | None:
+    """`data.embeddings`: required for finetune spaces (the images' CLIP embeddings), else absent."""
+    if kind != "finetune":
+        if value is not None:
+            raise r.fail("data.embeddings", "no embeddings for a kind: sae space", value)
+        return None
+    if not isinstance(value, str) or not value:
+        raise r.fail("data.embeddings", "the path of the images' embedding store", value)
+    return _data_path(r, "data.embeddings", value, from_command_line)
+
+
+PROJECT_MARKERS = (".git", "pyproject.toml")
+"""A directory holding one of these is a project root."""
+
+
+def project_roots(file: Path) -> tuple[Path, ...]:
+    """Where a space file's data may live: its project and the working directory.
+
+    The project of a space file is the nearest directory at or above it that
+    holds `.git` or `pyproject.toml` (else the file's own directory). The
+    working directory counts too: it is where monoray runs and `./monoray-runs` lives.
+    """
+    here = file.resolve().parent
+    project = next((d for d in (here, *here.parents) if _is_project(d)), here)
+    return (project, Path.cwd().resolve())
+
+
+def _is_project(directory: Path) -> bool:
+    return any((directory / marker).exists() for marker in PROJECT_MARKERS)
+
+
+def _data_path(r: _Reader, key: str, value: str, from_command_line: set[str]) -> str:
+    """Resolve a data path against the space file; a file may not point outside its project.
+
+    A path set on the command line (`--set data.features=/shared/...`) is the
+    user's own choice and may point anywhere.
+    """
+    if value == "digits":
         return value
-    return str((file.parent / value).resolve())
+    if "\0" in value:
+        raise r.fail(key, "a path without NUL characters", value)
+    resolved = (r.file.parent / value).resolve()  # an absolute value stays itself
+    if {key, key.partition(".")[0]} & from_command_line:
+        return str(resolved)
+    roots = project_roots(r.file)
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise InputError(
+            f"{r.file}: {key}: {value} resolves to {resolved}, outside the project "
+            f"({' or '.join(map(str, dict.fromkeys(roots)))}); "
+            f"pass it on the command line instead (--set {key}=PATH)"
+        )
+    return str(resolved)
 
 
 def _check_trial_keys(space: SweepSpace) -> None:
@@ -472,3 +576,40 @@ def _check_trial_keys(space: SweepSpace) -> None:
                     f"{space.path}: {where}.{name}: unknown {space.kind} trial parameter "
                     f"(expected one of {', '.join(sorted(allowed))})"
                 )
+
+
+MAX_CHECKED_POINTS = 4096
+"""`extreme_points` yields at most this many points."""
+
+
+def extreme_points(space: SweepSpace) -> Iterator[dict[str, Any]]:
+    """Every combination of each searched parameter's extremes, as trial parameters.
+
+    Numeric parameters take `low` and `high`, categorical ones each choice; a
+    conditional parameter appears only where its `when` holds. Building a
+    trial config from each point (before anything runs) catches what only some
+    trials would hit: λ < 0 at the bottom of a range, k > d_sae at the top.
+    """
+    values = [
+        p.choices
+        if p.type == "categorical"
+        else (_as_int(p) if p.type == "int" else (p.low, p.high))
+        for p in space.search
+    ]
+    seen: set[str] = set()
+    for combo in itertools.islice(itertools.product(*values), MAX_CHECKED_POINTS):
+        point: dict[str, Any] = {}
+        for p, value in zip(space.search, combo, strict=True):
+            if all(point.get(other) in allowed for other, allowed in p.when):
+                point[p.name] = value
+        key = repr(sorted(point.items(), key=lambda kv: kv[0]))
+        if key not in seen:
+            seen.add(key)
+            yield point
+
+
+def _as_int(p: Param) -> tuple[int, int]:
+    """The lowest and highest values Optuna can suggest (`high` rounds down to a step)."""
+    assert p.low is not None and p.high is not None
+    low, step = int(p.low), p.step or 1
+    return low, low + (int(p.high) - low) // step * step

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
-from monoray.sweep.search import TRIAL_KEY, failure_reason
+from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
 
 SWEEP_TAG = "monoray.sweep"
 ROLE_TAG = "monoray.role"
@@ -32,6 +32,66 @@ ERROR_TAG = "monoray.error"
 # Result keys that are bookkeeping, not metrics.
 _NOT_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid"}
 _MAX_PARAM = 6000
+
+
+SERVER_SCHEMES = ("http", "https")
+"""Tracking URIs of an MLflow server, which stores artifacts itself."""
+DATABASE_SCHEMES = ("sqlite", "postgresql")
+
+
+def artifact_root_for(tracking_uri: str, project_artifacts: Path) -> Path | None:
+    """Where a sweep's artifacts go: the server's store, else the project's directory.
+
+    With a database URI MLflow would default to `./mlruns` in whatever the
+    working directory is (a Tune trial's, on a cluster a node's); the project
+    directory (`--root`, shared storage on a cluster) is the one place all agree on.
+    """
+    scheme = tracking_uri.partition(":")[0].partition("+")[0]
+    return None if scheme in SERVER_SCHEMES else project_artifacts
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    """An MLflow client; `postgresql://` URIs use psycopg2 (see `search.with_driver`)."""
+    return MlflowClient(with_driver(tracking_uri))
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Reach the tracking store once (a database gets its schema); `InputError` if it cannot."""
+    import urllib.error
+    import urllib.request
+
+    from monoray.errors import InputError
+
+    where = f"--tracking-uri {redact(tracking_uri)}"
+    scheme = tracking_uri.partition(":")[0].partition("+")[0]
+    if scheme not in SERVER_SCHEMES + DATABASE_SCHEMES:
+        raise InputError(f"{where}: expected an http(s), sqlite or postgresql URI")
+    try:
+        if scheme in SERVER_SCHEMES:
+            # Any HTTP answer (401 included) is a server; MLflow's client would retry for minutes.
+            urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).close()
+        else:
+            if scheme == "postgresql":  # MLflow itself would retry with backoff for minutes
+                _connect_once(tracking_uri)
+            client_for(tracking_uri).search_experiments(max_results=1)
+    except urllib.error.HTTPError:
+        return
+    except Exception as err:  # MLflow wraps SQLAlchemy errors in several types
+        lines = str(getattr(err, "reason", None) or err).strip().splitlines()
+        reason = lines[0][:300] if lines else type(err).__name__
+        raise InputError(f"{where}: cannot reach it ({reason})") from None
+
+
+def _connect_once(url: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(with_driver(url), connect_args={"connect_timeout": 10})
+    try:
+        engine.connect().close()
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        raise ConnectionError(str(getattr(err, "orig", None) or err)) from None
+    finally:
+        engine.dispose()
 
 
 def experiment_name(sweep: str) -> str:
@@ -113,7 +173,7 @@ class MlflowTracker(Callback):
     @property
     def client(self) -> MlflowClient:
         if getattr(self, "_client", None) is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = client_for(self.tracking_uri)
         return self._client
 
     def setup(self, **info: Any) -> None:
@@ -234,7 +294,7 @@ class SweepRecords:
     def load(cls, tracking_uri: str, sweep: str) -> SweepRecords:
         from monoray.errors import InputError
 
-        client = MlflowClient(tracking_uri)
+        client = client_for(tracking_uri)
         experiment = client.get_experiment_by_name(experiment_name(sweep))
         parent = find_parent(client, experiment.experiment_id) if experiment else None
         if experiment is None or parent is None:

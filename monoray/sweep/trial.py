@@ -20,6 +20,7 @@ from ray import tune
 
 from monoray.data import FeatureSplits
 from monoray.errors import InputError
+from monoray.sweep.restore import restore_checkpoint
 from monoray.sweep.search import TRIAL_KEY
 
 
@@ -29,7 +30,11 @@ def config_keys(kind: str) -> set[str]:
         from monoray.train.config import TrainConfig
 
         return set(TrainConfig.allowed_keys())
-    raise InputError(f"kind: {kind!r} trials are not available in this version (use kind: sae)")
+    if kind == "finetune":
+        from monoray.finetune.config import DATA_KEYS, FinetuneConfig
+
+        return set(FinetuneConfig.allowed_keys()) - set(DATA_KEYS)
+    raise InputError(f"kind: {kind!r} trials are not available (use kind: sae or finetune)")
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -43,12 +48,8 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
 
     cfg = TrainConfig.from_dict({**trial_params(config), "d_in": splits.train.dim})
     work = Path(tempfile.mkdtemp(prefix=f"monoray-trial-{config.get(TRIAL_KEY, 'x')}-"))
-    resume_from, resumed_epoch = None, 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        # Retry after a crash: continue from the last epoch Tune persisted.
-        resume_from = Path(checkpoint.to_directory(str(work / "restored")))
-        resumed_epoch = int(json.loads((resume_from / "checkpoint.json").read_text())["epoch"])
+    # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
+    resume_from, resumed_epoch = restore_checkpoint(work / "restored")
 
     def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         report = {k: v for k, v in metrics.items() if _reportable(v)}

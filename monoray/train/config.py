@@ -9,11 +9,11 @@ is its inverse.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
 from monoray.sae import SAEConfig, config_from_dict, config_to_dict
 
@@ -83,28 +83,23 @@ class TrainConfig:
         `d_in` (the feature width) is required. `expansion` may stand in for
         `d_sae` (`d_sae = expansion * d_in`); giving both requires they agree.
         """
-        allowed = cls.allowed_keys()
-        for key in d:
-            if key not in allowed:
-                near = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise InputError(f"unknown config key {key!r}{hint}")
+        reject_unknown_keys(d, cls.allowed_keys(), "config")
         d = {k: v for k, v in d.items() if v is not None}
         sae_fields = set(cls.sae_keys())
         if "d_in" not in d:
             raise InputError("config needs d_in (the feature width)")
         own_hints = typing.get_type_hints(cls)
-        own = {k: _coerce(k, v, own_hints[k]) for k, v in d.items() if k in cls.own_keys()}
+        own = {k: coerce(k, v, own_hints[k]) for k, v in d.items() if k in cls.own_keys()}
         sae_kwargs = {k: v for k, v in d.items() if k in sae_fields}
         # One seed per run: it seeds the SAE's init too.
         sae_kwargs["seed"] = own.get("seed", DEFAULT_SEED)
         if "expansion" in d and "expansion" not in sae_fields:
-            expansion = _coerce("expansion", d["expansion"], float)
-            d_in = _coerce("d_in", d["d_in"], int)
+            expansion = coerce("expansion", d["expansion"], float)
+            d_in = coerce("d_in", d["d_in"], int)
             if expansion <= 0:
                 raise InputError(f"expansion must be > 0, got {expansion}")
             d_sae = round(expansion * d_in)
-            if "d_sae" in sae_kwargs and _coerce("d_sae", sae_kwargs["d_sae"], int) != d_sae:
+            if "d_sae" in sae_kwargs and coerce("d_sae", sae_kwargs["d_sae"], int) != d_sae:
                 raise InputError(
                     f"d_sae {sae_kwargs['d_sae']} and expansion {expansion} disagree "
                     f"(expansion * d_in = {d_sae}); give one of them"
@@ -137,29 +132,3 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with flat keys changed (validated like `from_dict`)."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Make YAML/Tune values (numpy scalars, 1e-4 as str, 3.0 for an int) the field's type."""
-    base = {int, float, str, bool}
-    types = [t for t in typing.get_args(hint) or (hint,) if t in base]
-    if not types or value is None:
-        return value
-    t = types[0]
-    try:
-        if t is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if t is int:
-            f = float(value)
-            if f != int(f):
-                raise ValueError(value)
-            return int(f)
-        return t(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{key} must be {t.__name__}, got {value!r}") from None

@@ -1,0 +1,300 @@
+"""Finetune trials on Ray: the Train worker loop, a `TorchTrainer` launcher, the Tune function trial.
+
+- `worker_loop` is `train_loop_per_worker`: it runs `train_finetune` inside the
+  process group Ray Train set up (gloo on CPU, NCCL on GPU), resumes from
+  `ray.train.get_checkpoint()` after a worker failure, and reports every epoch
+  (rank 0 attaches the epoch's checkpoint; every rank reports, as Train needs).
+- `fit_distributed` builds and runs the `TorchTrainer` (N workers, checkpoints
+  in `storage_path/name`, `FailureConfig(max_failures)` worker-group restarts).
+  Ray Train V2 restores a run's checkpoints from storage when the same name
+  runs again, so a retried Tune trial continues where its workers stopped.
+- `finetune_trial` is the Tune function trainable: with `workers == 0` it
+  trains in the trial's own process and reports to Tune directly; with
+  `workers >= 1` it runs `fit_distributed` with `TuneReportCallback`, which
+  forwards every epoch's metrics to Tune, then reports the final checkpoint
+  (so the MLflow tracker and Pareto code see it as for SAE trials).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monoray.finetune.config import FinetuneConfig
+
+PROFILE_FILE = "monoscore_profile.json"
+"""Per-latent sorted MonoScore, written into each checkpoint (read by the Pareto plots)."""
+
+
+def _reportable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def epoch_report(
+    epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None, resumed_from: int
+) -> dict[str, Any]:
+    """The numbers reported for one epoch; writes the MonoScore profile into the checkpoint."""
+    report = {k: v for k, v in metrics.items() if _reportable(v)}
+    report["epoch"] = epoch
+    report["resumed_from_epoch"] = resumed_from
+    if checkpoint_dir is not None:
+        profile = metrics.get("monoscore_profile") or []
+        (checkpoint_dir / PROFILE_FILE).write_text(json.dumps(list(profile)))
+    return report
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """Epoch recorded in a restored checkpoint directory."""
+    return int(json.loads((path / "checkpoint.json").read_text())["epoch"])
+
+
+def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
+    """`status_dir/rank-R.json`: this worker's pid, the epoch of its last registered checkpoint
+    and the epoch it resumed from (for operators and fault tests)."""
+    if status_dir is None:
+        return
+    from monoray.data.store import atomic_write_bytes
+
+    Path(status_dir).mkdir(parents=True, exist_ok=True)
+    record = {"rank": rank, "pid": os.getpid(), **fields}
+    atomic_write_bytes(Path(status_dir) / f"rank-{rank}.json", json.dumps(record).encode())
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker`: config = {"finetune": flat FinetuneConfig, "status_dir": str | None}."""
+    import ray.train
+    import ray.train.torch
+
+    from monoray.finetune.loop import train_finetune
+    from monoray.train.trainer import DivergedError
+
+    cfg = FinetuneConfig.from_dict(config["finetune"])
+    status_dir = config.get("status_dir")
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    if cfg.device == "cpu":
+        import torch
+
+        device = torch.device("cpu")
+    work = Path(tempfile.mkdtemp(prefix=f"monoray-finetune-rank{rank}-"))
+    resume_from, resumed = None, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_from = Path(checkpoint.to_directory(str(work / "restored")))
+        resumed = checkpoint_epoch(resume_from)
+    _write_status(status_dir, rank, epoch=resumed, resumed_from_epoch=resumed)
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        report = epoch_report(epoch, metrics, checkpoint_dir, resumed)
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        if status_dir is not None:
+            # Blocks until Train has registered the report: a status file's epoch is then
+            # a checkpoint that a restarted worker group resumes from.
+            ray.train.get_all_reported_checkpoints()
+            _write_status(status_dir, rank, epoch=epoch, resumed_from_epoch=resumed)
+
+    try:
+        train_finetune(
+            cfg, out_dir=work / "run", resume_from=resume_from, on_epoch=on_epoch, device=device
+        )
+    except DivergedError as err:
+        # Every rank raises together (the check is all-reduced): one report each.
+        ray.train.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fit_distributed(
+    cfg: FinetuneConfig,
+    *,
+    workers: int,
+    storage_path: str | Path,
+    name: str,
+    cpu_per_worker: float = 1.0,
+    gpu_per_worker: float = 0.0,
+    max_failures: int = 2,
+    callbacks: Sequence[Any] = (),
+    status_dir: str | Path | None = None,
+) -> Any:
+    """Run `cfg` on `workers` Ray Train workers; returns the `ray.train.Result`.
+
+    Checkpoints go to `storage_path/name` (a run of the same name resumes from
+    them); a failed worker group restarts up to `max_failures` times from the
+    last checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from monoray.errors import InputError
+
+    if cfg.device.startswith("cuda") and gpu_per_worker <= 0:
+        raise InputError(
+            f"device {cfg.device} needs a GPU per Train worker (--gpus-per-worker / resources.gpu)"
+        )
+    resources = {"CPU": cpu_per_worker}
+    if gpu_per_worker > 0:
+        resources["GPU"] = gpu_per_worker
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "finetune": cfg.to_dict(),
+            "status_dir": None if status_dir is None else str(status_dir),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpu_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
+    return trainer.fit()
+
+
+def finetune_trial(
+    config: dict[str, Any],
+    *,
+    data: dict[str, Any],
+    storage: str,
+    workers: int,
+    cpu_per_worker: float,
+    gpu_per_worker: float,
+    max_failures: int,
+) -> None:
+    """Tune function trainable of a `kind: finetune` space.
+
+    `data` holds the space's data keys (images, embeddings, subset), `storage`
+    the directory of the trials' Train runs.
+    """
+    from ray import tune
+
+    from monoray.sweep.trial import trial_params
+
+    cfg = FinetuneConfig.from_dict({**trial_params(config), **data})
+    if workers == 0:
+        _in_process(cfg)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    result = fit_distributed(
+        cfg,
+        workers=workers,
+        storage_path=storage,
+        name=f"trial-{tune.get_context().get_trial_id()}",
+        cpu_per_worker=cpu_per_worker,
+        gpu_per_worker=gpu_per_worker,
+        max_failures=max_failures,
+        callbacks=[TuneReportCallback()],
+    )
+    final = dict(result.metrics or {})
+    if result.checkpoint is None:
+        tune.report(final)
+    else:
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(result.checkpoint.path))
+
+
+def _in_process(cfg: FinetuneConfig) -> None:
+    from ray import tune
+
+    from monoray.finetune.loop import train_finetune
+    from monoray.sweep.restore import restore_checkpoint
+    from monoray.train.trainer import DivergedError
+
+    work = Path(tempfile.mkdtemp(prefix="monoray-finetune-"))
+    # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
+    resume_from, resumed = restore_checkpoint(work / "restored")
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        report = epoch_report(epoch, metrics, checkpoint_dir, resumed)
+        assert checkpoint_dir is not None  # a single process is rank 0
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    try:
+        train_finetune(cfg, out_dir=work / "run", resume_from=resume_from, on_epoch=on_epoch)
+    except DivergedError as err:
+        tune.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+DRIVER_CPU = 1.0
+"""CPUs the Tune trial function holds while its Train workers run (it only waits and relays)."""
+
+
+def space_data(space: Any) -> dict[str, Any]:
+    """The finetune config keys a space's `data` section sets (images, embeddings, subset)."""
+    return {
+        "images": space.data.features,
+        "embeddings": space.data.embeddings,
+        "subset": space.data.subset,
+    }
+
+
+def check_finetune_space(space: Any) -> None:
+    """Fail before anything starts: every extreme search point builds, and the data opens."""
+    from monoray.errors import InputError
+    from monoray.finetune.backbones import CACHE
+    from monoray.finetune.data import open_finetune_data
+    from monoray.sweep.space import extreme_points
+
+    data = space_data(space)
+    if space.data.val_features is not None:
+        raise InputError(
+            f"{space.path}: data.val_features: finetune spaces take their val split from "
+            "data.features (digits split, CIFAR test split, ImageFolder val/)"
+        )
+    weights = space.fixed.get("weights")
+    if isinstance(weights, str) and weights != CACHE and not Path(weights).is_absolute():
+        raise InputError(
+            f"{space.path}: fixed.weights: {weights} is relative; trials run in their own "
+            "directories: give an absolute path (or --set fixed.weights=PATH) or 'cache'"
+        )
+    for point in extreme_points(space):
+        try:
+            FinetuneConfig.from_dict({**space.fixed, **point, **data})
+        except InputError as err:
+            at = f" (at search point {point})" if point else ""
+            raise InputError(f"{space.path}: {err}{at}") from None
+    open_finetune_data(data["images"], data["embeddings"], subset=data["subset"])
+
+
+def trial_demand(space: Any) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial of the space occupies: its workers plus the trial function."""
+    r = space.resources
+    if r.workers == 0:
+        return r.cpu, r.gpu
+    return DRIVER_CPU + r.workers * r.cpu, r.workers * r.gpu
+
+
+def finetune_trainable(space: Any, *, storage: Path) -> Any:
+    """The Tune trainable of a finetune space, with its resources.
+
+    `resources.cpu` / `gpu` are per Train worker when `resources.workers >= 1`
+    (the trial function then holds `DRIVER_CPU`), per trial otherwise.
+    """
+    from ray import tune
+
+    r = space.resources
+    fn = tune.with_parameters(
+        finetune_trial,
+        data=space_data(space),
+        storage=str(storage),
+        workers=r.workers,
+        cpu_per_worker=r.cpu,
+        gpu_per_worker=r.gpu,
+        max_failures=space.budget.max_failures,
+    )
+    own = {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 0 else {"cpu": DRIVER_CPU, "gpu": 0}
+    return tune.with_resources(fn, own)
