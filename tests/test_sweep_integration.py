@@ -139,6 +139,7 @@ def _kill_first_trial_worker(results: Path, killed: list[int], stop: threading.E
         stop.wait(0.05)
 
 
+@pytest.mark.faults  # part of the fault-injection suite (tests/test_faults.py)
 def test_killed_trial_worker_resumes_from_checkpoint(ray_session, project: Path) -> None:
     space = small_space("fixed.epochs=4", num_samples=2)
     killed: list[int] = []
@@ -178,6 +179,7 @@ def _sweep_cmd(root: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.faults  # part of the fault-injection suite (tests/test_faults.py)
 def test_driver_killed_then_resumed_finishes_exactly_n(project: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(
