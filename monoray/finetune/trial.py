@@ -247,7 +247,7 @@ def check_finetune_space(space: Any) -> None:
     from monoray.errors import InputError
     from monoray.finetune.backbones import CACHE
     from monoray.finetune.data import open_finetune_data
-    from monoray.sweep.space import extreme_points
+    from monoray.sweep.space import check_extreme_points
 
     data = space_data(space)
     if space.data.val_features is not None:
@@ -261,12 +261,7 @@ def check_finetune_space(space: Any) -> None:
             f"{space.path}: fixed.weights: {weights} is relative; trials run in their own "
             "directories: give an absolute path (or --set fixed.weights=PATH) or 'cache'"
         )
-    for point in extreme_points(space):
-        try:
-            FinetuneConfig.from_dict({**space.fixed, **point, **data})
-        except InputError as err:
-            at = f" (at search point {point})" if point else ""
-            raise InputError(f"{space.path}: {err}{at}") from None
+    check_extreme_points(space, lambda params: FinetuneConfig.from_dict({**params, **data}))
     open_finetune_data(data["images"], data["embeddings"], subset=data["subset"])
 
 

@@ -33,7 +33,7 @@ from monoray.sweep.search import (
     release_orphans,
     storage_for,
 )
-from monoray.sweep.space import Data, SweepSpace, extreme_points
+from monoray.sweep.space import Data, SweepSpace, check_extreme_points
 from monoray.sweep.tracking import MlflowTracker, artifact_root_for
 from monoray.sweep.trial import sae_trial
 
@@ -93,12 +93,8 @@ def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
     """Fail before anything starts if the fixed params plus any extreme point do not build."""
     from monoray.train.config import TrainConfig
 
-    for point in extreme_points(space):
-        try:
-            TrainConfig.from_dict({**space.fixed, **point, "d_in": splits.train.dim})
-        except InputError as err:
-            at = f" (at search point {point})" if point else ""
-            raise InputError(f"{space.path}: {err}{at}") from None
+    dim = splits.train.dim
+    check_extreme_points(space, lambda params: TrainConfig.from_dict({**params, "d_in": dim}))
 
 
 def check_resources(space: SweepSpace) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -606,6 +606,16 @@ def extreme_points(space: SweepSpace) -> Iterator[dict[str, Any]]:
         if key not in seen:
             seen.add(key)
             yield point
+
+
+def check_extreme_points(space: SweepSpace, build: Callable[[dict[str, Any]], object]) -> None:
+    """`build(fixed + point)` for every extreme point; the first failure as one `InputError`."""
+    for point in extreme_points(space):
+        try:
+            build({**space.fixed, **point})
+        except InputError as err:
+            at = f" (at search point {point})" if point else ""
+            raise InputError(f"{space.path}: {err}{at}") from None
 
 
 def _as_int(p: Param) -> tuple[int, int]:
