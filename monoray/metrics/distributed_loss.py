@@ -57,20 +57,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from monoray.errors import InputError
-from monoray.metrics._checks import (
-    as_tensor,
-    check_2d_float,
-    check_activations,
-    check_finite_dense,
-    check_rows,
-    is_sparse,
-    unit_rows,
-)
+from monoray.metrics._checks import check_finite_dense, is_sparse
 from monoray.metrics.loss import (
     DEFAULT_EPS,
     check_eps,
     dense_stats,
     loss_from_stats,
+    loss_inputs,
     mono_loss,
     safe_range,
 )
@@ -145,14 +138,11 @@ def _world_size(group: object) -> int:
 def _local_inputs(embeddings: object, activations: object, eps: float) -> tuple[Tensor, Tensor]:
     """Unit-norm float64 embeddings and the dense activations, validated on this rank alone."""
     check_eps(eps)
-    e = as_tensor(embeddings, "embeddings")
-    check_2d_float(e, "embeddings")
-    a = check_activations(activations)
+    h, a = loss_inputs(embeddings, activations)
     if is_sparse(a):
         raise InputError("activations: mono_loss_global takes dense activations, got sparse")
-    check_rows("embeddings", int(e.shape[0]), "activations", int(a.shape[0]))
     check_finite_dense(a.detach(), "activations")
-    return unit_rows(e.to(a.device)), a
+    return h, a
 
 
 def _header_device(group: object) -> torch.device:

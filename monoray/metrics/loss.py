@@ -87,6 +87,16 @@ def check_eps(eps: float) -> float:
     return eps
 
 
+def loss_inputs(embeddings: object, activations: object) -> tuple[Tensor, Tensor]:
+    """`(h, a)`: float64 unit-norm embeddings on the activations' device, and the activations
+    (dense or sparse), checked for shape and row count. Finiteness is the caller's."""
+    e = as_tensor(embeddings, "embeddings")
+    check_2d_float(e, "embeddings")
+    a = check_activations(activations)
+    check_rows("embeddings", int(e.shape[0]), "activations", int(a.shape[0]))
+    return unit_rows(e.to(a.device)), a
+
+
 def _work_dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise InputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -285,14 +295,11 @@ def mono_loss(
 
     `precision="float32"` runs the O(nnz·d) products (`P = ÃᵀH` and the sampled
     `h_i·P_k`) in float32 and everything else in float64: ~2.5x faster on CPU,
-    for a per-latent error of about `1e-7·q_k/den_k` (see `FLOAT32_EPS`).
+    for a per-latent score error of about `n·2⁻²⁴·scale_k²/den_k` (bounded in
+    `tests/test_metrics_loss.py`).
     """
     eps, work = check_eps(eps), _work_dtype(precision)
-    e = as_tensor(embeddings, "embeddings")
-    check_2d_float(e, "embeddings")
-    a = check_activations(activations)
-    check_rows("embeddings", int(e.shape[0]), "activations", int(a.shape[0]))
-    h = unit_rows(e.to(a.device))
+    h, a = loss_inputs(embeddings, activations)
     if not is_sparse(a):
         check_finite_dense(a.detach(), "activations")
         return _dense_loss(h, a, eps, work)
