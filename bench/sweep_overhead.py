@@ -69,7 +69,8 @@ def plain_optuna(space, splits, trials: int, concurrency: int, work: Path) -> fl
 def monoray_sweep(space, trials: int, work: Path) -> tuple[float, float, float, float]:
     import ray
 
-    from monoray.sweep.runner import SweepOptions, run_sweep, start_local_ray
+    from monoray.runs.cluster import start_local_ray
+    from monoray.sweep.runner import SweepOptions, run_sweep
 
     start = time.perf_counter()
     start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)

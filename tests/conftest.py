@@ -31,7 +31,7 @@ def ray_session():
     """
     import ray
 
-    from monoray.sweep.runner import start_local_ray
+    from monoray.runs.cluster import start_local_ray
 
     start_local_ray(
         num_cpus=4,

@@ -313,7 +313,7 @@ def test_ui_with_auth_serves_on_loopback_and_needs_the_password(tmp_path: Path) 
 def test_local_ray_has_token_auth_and_a_private_token(ray_session) -> None:
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
-    from monoray.sweep.runner import start_ray
+    from monoray.runs.cluster import start_ray
 
     token = Path.home() / ".ray" / "auth_token"
     assert token.is_file(), "Ray wrote no token: token auth is off"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from monoray.extract.encoders import CACHE, ENCODERS, NORMALISATIONS, PRECISIONS, RANDOM_INIT
+from monoray.runs.cluster import add_address_arg
 
 EPILOG = "encoders:\n" + "\n".join(f"  {e.name:22s} {e.description}" for e in ENCODERS.values())
 
@@ -75,9 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader-workers", type=int, metavar="N", help="decode processes in local mode")
     ray = p.add_argument_group("Ray Data (distributed)")
     ray.add_argument("--ray", action="store_true", help="run on Ray (a local one if no --address)")
-    ray.add_argument(
-        "--address", metavar="ADDR", help="Ray cluster address, e.g. auto or ray://head:10001"
-    )
+    add_address_arg(ray)
     ray.add_argument(
         "--workers", type=int, default=1, metavar="N", help="encoder actors (default 1)"
     )

@@ -47,6 +47,7 @@ from monoray.extract.encoders import (
     with_weights_file,
 )
 from monoray.extract.sources import Listing, Source
+from monoray.runs.cluster import start_ray
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ class RayOptions:
     """Where and how wide the Ray Data pipeline runs."""
 
     address: str | None = None
-    """Ray cluster address ("auto", "ray://head:10001"); None: the running Ray, else a local one."""
+    """Ray cluster address (`monoray.runs.cluster.start_ray`); None: $RAY_ADDRESS, else a local Ray."""
     workers: int = 1
     """Encoder actors, one model copy each (near-linear speed-up while GPUs are the bottleneck)."""
     gpus_per_worker: float | None = None
@@ -79,8 +80,7 @@ def connect(opts: RayOptions) -> RayOptions:
         raise InputError("--cpus-per-worker and decode CPUs must be > 0")
     if opts.gpus_per_worker is not None and opts.gpus_per_worker < 0:
         raise InputError(f"--gpus-per-worker must be >= 0, got {opts.gpus_per_worker}")
-    if not ray.is_initialized():
-        ray.init(address=opts.address, include_dashboard=False, log_to_driver=False)
+    start_ray(opts.address)
     have = ray.cluster_resources().get("GPU", 0)
     gpus = opts.gpus_per_worker
     if gpus is None:

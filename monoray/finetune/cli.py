@@ -20,6 +20,7 @@ from typing import Any
 from monoray.finetune.backbones import CACHE
 from monoray.finetune.config import FinetuneConfig
 from monoray.finetune.data import DIGITS
+from monoray.runs.cluster import add_address_arg
 
 OWN_FLAGS = ("weights", "random_init")
 """Config keys with hand-written flags (a mutually exclusive pair)."""
@@ -55,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gpus-per-worker", type=float, default=0.0, help="GPUs per Train worker (NCCL if > 0)"
     )
-    p.add_argument("--address", help="Ray cluster address for --workers (default: a local Ray)")
+    add_address_arg(p)
     group = p.add_argument_group("finetune config (see FinetuneConfig)")
     hints = typing.get_type_hints(FinetuneConfig)
     docs = field_docs(FinetuneConfig)
@@ -134,7 +135,7 @@ def _local(cfg: FinetuneConfig, out: Path, *, resume: bool) -> dict[str, float]:
 def _distributed(cfg: FinetuneConfig, out: Path, args: argparse.Namespace) -> dict[str, float]:
     from monoray.errors import InputError
     from monoray.finetune.trial import fit_distributed
-    from monoray.sweep.runner import start_ray
+    from monoray.runs.cluster import start_ray
 
     if not args.resume and (out / "ray").exists():
         raise InputError(f"{out}/: holds a run already; pass --resume to continue it")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from monoray.runs.cluster import add_address_arg
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("space", type=Path, help="search-space YAML (see search_spaces/demo.yaml)")
     p.add_argument("--name", help="sweep name (default: the space's name); one study per name")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    add_address_arg(p)
     p.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI: sqlite, postgresql or an http(s) MLflow server "

@@ -15,7 +15,6 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import optuna
 import ray
@@ -23,6 +22,7 @@ from ray import tune
 
 from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
+from monoray.runs.cluster import start_ray
 from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.progress import SweepProgress
@@ -113,37 +113,6 @@ def check_resources(space: SweepSpace) -> None:
             )
 
 
-def start_ray(address: str | None) -> None:
-    """Connect to `address` (or the job's cluster), else start a local Ray on 127.0.0.1."""
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    restrict_token_file()
-
-
-def start_local_ray(**kwargs: Any) -> None:
-    """`ray.init` for a new local cluster, tried twice.
-
-    On a loaded machine the raylet can give up waiting for its dashboard agent
-    (a hard-coded 15 s, ray-project/ray#65983); a second start usually works.
-    """
-    try:
-        ray.init(**kwargs)
-    except Exception:  # Ray raises a bare Exception on a node start-up timeout
-        ray.shutdown()
-        ray.init(**kwargs)
-
-
-def restrict_token_file() -> None:
-    """Ray writes ~/.ray/auth_token world-readable; the token is a credential."""
-    token = Path.home() / ".ray" / "auth_token"
-    if token.is_file() and token.stat().st_mode & 0o077:
-        token.chmod(0o600)
-
-
 def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     paths = ProjectPaths.resolve(opts.root)
     name = opts.name or space.name
@@ -151,7 +120,6 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         space = dry_run_space(space)
         paths = ProjectPaths.resolve(tempfile.mkdtemp(prefix="monoray-dryrun-"))
         name = f"dryrun-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths.ensure()
     exp_dir = paths.ray_results / name
     if opts.resume and not tune.Tuner.can_restore(str(exp_dir)):
         raise InputError(f"--resume: no sweep named {name!r} under {paths.ray_results}")
@@ -169,6 +137,8 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     else:
         splits = load_splits(space.data)
         check_trial_config(space, splits)
+    start_ray(opts.address)  # an unreachable cluster fails here, before anything is created
+    paths.ensure()
     storage_url = opts.storage or paths.optuna_url
     tracking_uri = opts.tracking_uri or paths.tracking_uri
     storage = storage_for(storage_url)
@@ -179,7 +149,6 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Snapshots after every epoch checkpoint are what make --resume exact; don't warn about them.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    start_ray(opts.address)
     check_resources(space)
     study = open_study(space, name, storage)
     tracker = MlflowTracker(

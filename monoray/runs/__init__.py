@@ -1,0 +1,1 @@
+"""What every command shares to run: joining or starting Ray (`monoray.runs.cluster`)."""
