@@ -160,6 +160,12 @@ def _connect(address: str, source: str, timeout_s: float) -> None:
         # ray.init cannot be cancelled: its daemon thread retries (into the log) until the
         # command exits, so fd 2 stays on the log and Python's stderr moves to the terminal.
         sys.stderr = os.fdopen(terminal, "w", buffering=1)
+        if "InvalidAuthToken" in log.read_text(errors="replace"):
+            raise InputError(
+                f"{where}: the cluster refused this client's token for {timeout_s:g} s "
+                f"({TIMEOUT_ENV}; Ray's log: {log}); put the head's token (`ray get-auth-token` "
+                "on the head) in ~/.ray/auth_token or RAY_AUTH_TOKEN and export RAY_AUTH_MODE=token"
+            )
         raise InputError(
             f"{where}: {host}:{port} accepts TCP but Ray did not connect within "
             f"{timeout_s:g} s ({TIMEOUT_ENV}; Ray's log: {log}); is it a head's GCS port? "
