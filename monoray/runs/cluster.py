@@ -10,7 +10,9 @@ caller has created anything.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -98,8 +100,8 @@ def connect_timeout() -> float:
     try:
         value = float(raw)
     except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
+        value = 0.0
+    if not 0 < value < math.inf:
         raise InputError(f"{TIMEOUT_ENV}={raw!r}: must be a positive number of seconds")
     return value
 
@@ -150,6 +152,9 @@ def _connect(address: str, source: str, timeout_s: float) -> None:
         except BaseException as err:  # reported to the caller below
             outcome.append(err)
 
+    if threading.current_thread() is threading.main_thread():
+        # ray.init sets this itself, but only when it runs in the main thread.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     thread = threading.Thread(target=init, name="monoray-ray-connect", daemon=True)
     terminal = os.dup(2)
     with log.open("ab") as sink:
