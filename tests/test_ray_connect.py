@@ -155,10 +155,13 @@ def test_auto_with_only_a_dead_recorded_cluster_fails_in_one_line(tmp_path, ray_
     assert_nothing_created(tmp_path)
 
 
-@pytest.mark.timeout(60)
-def test_a_bad_connect_timeout_is_one_line(tmp_path, ray_tmpdir) -> None:
+@pytest.mark.timeout(120)
+def test_a_bad_timeout_or_address_is_one_line(tmp_path, ray_tmpdir) -> None:
     done = monoray([*DEMO, "--address", "127.0.0.1:1"], tmp_path, ray_tmpdir, **{TIMEOUT_ENV: "0"})
     assert_one_line_exit_2(done, f"{TIMEOUT_ENV}='0'", "positive")
+    # The job server's URL (what jobs/submit.sh takes) is not an address to join.
+    done = monoray(DEMO, tmp_path, ray_tmpdir, RAY_ADDRESS="http://127.0.0.1:8265")
+    assert_one_line_exit_2(done, "RAY_ADDRESS http://127.0.0.1:8265", "expected HOST:PORT")
     assert_nothing_created(tmp_path)
 
 

@@ -188,9 +188,12 @@ def _connect(address: str, source: str, timeout_s: float) -> None:
 
 
 def _host_port(target: str, where: str) -> tuple[str, int]:
-    hostport = target.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
+    scheme, _, hostport = target.rpartition("://")
+    host, sep, port = hostport.rstrip("/").rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit():
-        raise InputError(f"{where}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    if scheme not in ("", "ray") or not sep or not host or not port.isdigit():
+        # http://HOST:8265 is the job server's address: right for jobs/submit.sh, not here.
+        raise InputError(
+            f"{where}: expected HOST:PORT (the head's GCS), ray://HOST:PORT, auto or local"
+        )
     return host, int(port)
