@@ -26,7 +26,15 @@ from optuna.trial import TrialState
 from monoray.cli import main
 from monoray.extract.encoders import EncoderSpec
 from monoray.extract.pipeline import ExtractConfig, extract
-from monoray.runs.outcome import DIVERGED_EXIT, METRICS_FILE, write_metrics
+from monoray.runs.outcome import (
+    DIVERGED_EXIT,
+    METRICS_FILE,
+    DivergedError,
+    RunFailedError,
+    check_outcome,
+    failure_report,
+    write_metrics,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +137,28 @@ def test_train_divergence_is_one_line_exit_3_and_keeps_finished_epochs(tmp_path,
     assert captured.err == line + "\n"
     assert _epochs(out) == ["epoch-0001"]
     assert not (out / METRICS_FILE).exists()
+
+
+def test_worker_failures_become_one_line_naming_the_lowest_failing_rank():
+    from ray.train import WorkerGroupError
+
+    from monoray.errors import InputError
+    from monoray.sweep.search import failure_reason
+
+    crash = WorkerGroupError("...", {3: RuntimeError("boom\n  at frame"), 1: OSError("disk full")})
+    with pytest.raises(RunFailedError, match=r"^rank 1: OSError: disk full$"):
+        check_outcome(None, crash)
+    with pytest.raises(InputError, match=r"^labels: bad \(rank 2\)$"):
+        check_outcome(None, WorkerGroupError("...", {2: InputError("labels: bad")}))
+    report = failure_report(DivergedError("loss became NaN/inf in epoch 2 on rank 1"), rank=0)
+    with pytest.raises(DivergedError, match=r"^loss became NaN/inf in epoch 2 on rank 1$"):
+        check_outcome(report, None)
+    bad = failure_report(InputError("images: 3 too few"), rank=0)
+    with pytest.raises(InputError, match="images: 3 too few"):
+        check_outcome(bad, None)
+    assert failure_reason(bad, ["accuracy"], error=False) == "bad input: images: 3 too few"
+    assert failure_report(RuntimeError("other"), rank=0) is None  # raised, not reported
+    check_outcome(None, None)  # success
 
 
 def test_metrics_writer_writes_null_for_non_finite_values(tmp_path):

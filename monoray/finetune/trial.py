@@ -5,8 +5,9 @@
   `ray.train.get_checkpoint()` after a worker failure (else from the
   `resume_from` checkpoint it is given), and reports every epoch (rank 0
   attaches the epoch's checkpoint; every rank reports, as Train needs). A
-  divergence or bad input is reported (`monoray.runs.outcome.failure_report`),
-  not raised, so Train does not restart the group to fail again.
+  divergence or bad input is returned (`monoray.runs.outcome.failure_report`,
+  Train's `Result.return_value`), not raised, so Train does not restart the
+  group to fail again; `finetune_trial` reports it to Tune (one FAILED trial).
 - `fit_distributed` builds and runs the `TorchTrainer` (N workers, checkpoints
   in `storage_path/name`, `FailureConfig(max_failures)` worker-group restarts).
   Ray Train V2 restores a run's checkpoints from storage when the same name
@@ -70,7 +71,11 @@ def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """`train_loop_per_worker`: config = {"finetune": flat FinetuneConfig, "status_dir": str | None}."""
+    """`train_loop_per_worker`; returns this rank's `failure_report` of a divergence or bad input, else None.
+
+    config = {"finetune": flat FinetuneConfig, "status_dir": str | None,
+    "resume_from": checkpoint dir | None (used when Train restores nothing)}.
+    """
     import ray.train
     import ray.train.torch
 
