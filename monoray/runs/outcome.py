@@ -19,6 +19,24 @@ value back as `Result.return_value`, while `Result.metrics` stays those of the
 last checkpoint). The driver then calls `check_outcome(return_value, error)`,
 which re-raises the failing rank's failure as one of the types above, and on
 success writes `metrics.json` from the final checkpoint's history.
+A new multi-worker executor (e.g. `monoray train --workers W`) wires in as
+`monoray finetune --workers` does (`monoray/finetune/cli.py::_distributed`,
+`monoray/finetune/trial.py`):
+
+    # train function, on every rank
+    try:
+        train_sae(...)
+    except (DivergedError, InputError) as err:
+        return failure_report(err, rank)   # all ranks see it together
+    # driver
+    try:
+        result = trainer.fit()
+        report, error = result.return_value, result.error
+    except ray.train.TrainingFailedError as err:
+        report, error = None, err
+    check_outcome(report, error)           # raises -> `monoray.cli.main`: one line, exit 3/2/1
+    write_metrics(out, load_checkpoint(out / "checkpoints").history[-1])
+    # Tune trial: tune.report(dict(result.return_value)) when it is not None
 """
 
 from __future__ import annotations
