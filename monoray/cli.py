@@ -1,7 +1,9 @@
 """`monoray` command line: one subcommand per stage, each defined next to its code.
 
 Every subcommand module exposes `add_parser(subparsers)` and `run(args) -> int`.
-User errors (`InputError`, missing files) print one line and exit with code 2.
+User errors (`InputError`, missing files) print one line and exit with code 2; a
+diverged run prints one line and exits with `DIVERGED_EXIT` (3), a run whose
+worker failed otherwise one line and exit 1 (the run contract: `monoray.runs.outcome`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from monoray.errors import InputError
+    from monoray.runs.outcome import (
+        DIVERGED_EXIT,
+        FAILED_EXIT,
+        DivergedError,
+        RunFailedError,
+        diverged_line,
+    )
 
     # Before Ray is imported: under `uv run`, Ray would restart workers with `uv run` in a
     # copy of the working dir (no venv there). Workers must use this interpreter.
@@ -62,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"monoray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DivergedError as err:
+        print(diverged_line(args.command, err), file=sys.stderr)
+        return DIVERGED_EXIT
+    except RunFailedError as err:
+        print(f"monoray {args.command}: failed: {err}", file=sys.stderr)
+        return FAILED_EXIT
     except FileNotFoundError as err:
         print(
             f"monoray {args.command}: error: file not found: {err.filename or err}", file=sys.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -133,22 +134,44 @@ def _local(cfg: FinetuneConfig, out: Path, *, resume: bool) -> dict[str, float]:
 
 
 def _distributed(cfg: FinetuneConfig, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Train on `args.workers` Ray Train workers with Train's storage in `out`.
+
+    Ray Train keeps its checkpoints (and its run state) at `out/checkpoints/`
+    (`RunConfig(storage_path=out, name=CHECKPOINTS)`), the in-process layout;
+    the driver writes `out/metrics.json` from the final checkpoint's history,
+    the same dict an in-process run writes.
+    """
+    from ray.train import TrainingFailedError
+
     from monoray.errors import InputError
     from monoray.finetune.trial import fit_distributed
     from monoray.runs.cluster import start_ray
+    from monoray.runs.outcome import RunFailedError, check_outcome, write_metrics
+    from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 
-    if not args.resume and (out / "ray").exists():
+    previous = load_checkpoint(out / CHECKPOINTS, with_optimizer=False)
+    if not args.resume and previous is not None:
         raise InputError(f"{out}/: holds a run already; pass --resume to continue it")
+    # Ray's notice that token auth is on (it stays on) would be a second stderr line of every run.
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     start_ray(args.address)
-    result = fit_distributed(
-        cfg,
-        workers=args.workers,
-        storage_path=out / "ray",
-        name="finetune",
-        gpu_per_worker=args.gpus_per_worker,
-        status_dir=out / "workers",
-    )
-    metrics = dict(result.metrics or {})
-    if result.checkpoint is not None:
-        print(f"checkpoint: {result.checkpoint.path}", file=sys.stderr)
-    return metrics
+    try:
+        result = fit_distributed(
+            cfg,
+            workers=args.workers,
+            storage_path=out,
+            name=CHECKPOINTS,
+            gpu_per_worker=args.gpus_per_worker,
+            status_dir=out / "workers",
+            # Train restores its own runs from out/checkpoints; this continues an in-process one.
+            resume_from=None if previous is None else previous.path,
+        )
+        failure, error = result.return_value, result.error
+    except TrainingFailedError as err:
+        failure, error = None, err
+    check_outcome(failure, error)
+    final = load_checkpoint(out / CHECKPOINTS, with_optimizer=False)
+    if final is None:
+        raise RunFailedError("the workers finished without a checkpoint")
+    write_metrics(out, final.history[-1])
+    return final.history[-1]

@@ -44,8 +44,9 @@ from monoray.finetune.data import FinetuneData, ImageDataset, build_transform, o
 from monoray.finetune.model import FinetuneModel
 from monoray.metrics import ClassPurityAccumulator, MonoScoreAccumulator, monoscore_summary
 from monoray.metrics.distributed_loss import mono_loss_global, mono_term_for_ddp
+from monoray.runs.outcome import DivergedError, write_metrics
 from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
-from monoray.train.trainer import DivergedError, epoch_seed, resolve_device, write_outputs
+from monoray.train.trainer import epoch_seed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -243,17 +244,24 @@ def train_finetune(
             step += 1
             with torch.no_grad():
                 sums += terms.sums()
+        local_bad = sums[3].clone()
         if world.size > 1:
             dist.all_reduce(sums)
         ce_total, mono_total, rows, bad = sums.tolist()
         if bad:
             raise DivergedError(
-                f"loss became NaN/inf in epoch {epoch} (backbone {cfg.backbone}, lr {cfg.lr:g})"
+                f"loss became NaN/inf in epoch {epoch}{_bad_ranks(local_bad, world)} "
+                f"(backbone {cfg.backbone}, lr {cfg.lr:g})"
             )
         # every rank sums the same global mono value once per step
         train_mono = mono_total / world.size / max(len(batches), 1)
         train_ce = ce_total / max(rows, 1)
-        val = evaluate(model, data, eval_tf, cfg, world, device)
+        try:
+            val = evaluate(model, data, eval_tf, cfg, world, device)
+        except DivergedError as err:
+            raise DivergedError(
+                f"{err} after epoch {epoch} (backbone {cfg.backbone}, lr {cfg.lr:g})"
+            ) from None
         metrics = {
             "train_loss": train_ce + cfg.mono_coef * train_mono,
             "train_ce": train_ce,
@@ -283,8 +291,18 @@ def train_finetune(
         raise InputError(f"{out_dir}/: nothing to train (epochs={cfg.epochs})")
     final = history[-1]
     if world.rank == 0:
-        write_outputs(out_dir, final, None)
+        write_metrics(out_dir, final)
     return final
+
+
+def _bad_ranks(local_bad: Tensor, world: World) -> str:
+    """The ranks whose loss was non-finite, as text for the message (all ranks call this)."""
+    if world.size == 1:
+        return ""
+    flags = [torch.zeros_like(local_bad) for _ in range(world.size)]
+    dist.all_gather(flags, local_bad)
+    ranks = [str(r) for r, f in enumerate(flags) if float(f) > 0]
+    return f" on rank {', '.join(ranks)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,13 +332,16 @@ def evaluate(
 
     Each rank evaluates a contiguous shard; counts and accumulator states are
     summed (min/max reduced) over the ranks, so the result is the exact
-    full-split value on every rank.
+    full-split value on every rank. Raises `DivergedError` on every rank when
+    the activations of any rank are non-finite (the inputs were checked on
+    load: the model diverged).
     """
     model.eval()
     width = model.classifier.in_features
     mono = MonoScoreAccumulator(data.embedding_dim, width, device=device)
     purity = ClassPurityAccumulator(width, data.n_classes, device=device)
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, n
+    # top1, top5, n, and 2**rank if this rank saw non-finite activations (a rank bitmask once summed)
+    counts = torch.zeros(4, dtype=torch.float64, device=device)
     shard = np.array_split(np.arange(len(data.val)), world.size)[world.rank]
     dataset = torch.utils.data.Subset(
         ImageDataset(data.val, transform, seed=cfg.seed, epoch=0), shard.tolist()
@@ -332,9 +353,12 @@ def evaluate(
     for x, y, emb in loader:
         x, y, emb = x.to(device), y.to(device), emb.to(device)
         out = model(x)
+        if not bool(torch.isfinite(out.activations).all()):  # one sync per val batch
+            counts[3] = 2.0**world.rank
+            break
         top = out.logits.topk(k, dim=1).indices
         hit = top == y[:, None]
-        counts += torch.stack(
+        counts[:3] += torch.stack(
             [hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(y.numel(), device=device)]
         ).double()
         mono.update(emb, out.activations)
@@ -343,7 +367,11 @@ def evaluate(
         mono.all_reduce()
         for t in (counts, purity.counts, purity.mass):
             dist.all_reduce(t)
-    top1, top5, total = counts.tolist()
+    top1, top5, total, non_finite = counts.tolist()
+    if non_finite:
+        ranks = [r for r in range(world.size) if int(non_finite) >> r & 1]
+        where = f" on rank {', '.join(map(str, ranks))}" if world.size > 1 else ""
+        raise DivergedError(f"the mono layer's activations on the val split became NaN/inf{where}")
     result = mono.result()
     binary, weighted = purity.compute()
     metrics = {

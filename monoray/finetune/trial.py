@@ -2,8 +2,12 @@
 
 - `worker_loop` is `train_loop_per_worker`: it runs `train_finetune` inside the
   process group Ray Train set up (gloo on CPU, NCCL on GPU), resumes from
-  `ray.train.get_checkpoint()` after a worker failure, and reports every epoch
-  (rank 0 attaches the epoch's checkpoint; every rank reports, as Train needs).
+  `ray.train.get_checkpoint()` after a worker failure (else from the
+  `resume_from` checkpoint it is given), and reports every epoch (rank 0
+  attaches the epoch's checkpoint; every rank reports, as Train needs). A
+  divergence or bad input is returned (`monoray.runs.outcome.failure_report`,
+  Train's `Result.return_value`), not raised, so Train does not restart the
+  group to fail again; `finetune_trial` reports it to Tune (one FAILED trial).
 - `fit_distributed` builds and runs the `TorchTrainer` (N workers, checkpoints
   in `storage_path/name`, `FailureConfig(max_failures)` worker-group restarts).
   Ray Train V2 restores a run's checkpoints from storage when the same name
@@ -66,13 +70,18 @@ def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
     atomic_write_bytes(Path(status_dir) / f"rank-{rank}.json", json.dumps(record).encode())
 
 
-def worker_loop(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker`: config = {"finetune": flat FinetuneConfig, "status_dir": str | None}."""
+def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """`train_loop_per_worker`; returns this rank's `failure_report` of a divergence or bad input, else None.
+
+    config = {"finetune": flat FinetuneConfig, "status_dir": str | None,
+    "resume_from": checkpoint dir | None (used when Train restores nothing)}.
+    """
     import ray.train
     import ray.train.torch
 
+    from monoray.errors import InputError
     from monoray.finetune.loop import train_finetune
-    from monoray.train.trainer import DivergedError
+    from monoray.runs.outcome import DivergedError, failure_report
 
     cfg = FinetuneConfig.from_dict(config["finetune"])
     status_dir = config.get("status_dir")
@@ -83,7 +92,8 @@ def worker_loop(config: dict[str, Any]) -> None:
 
         device = torch.device("cpu")
     work = Path(tempfile.mkdtemp(prefix=f"monoray-finetune-rank{rank}-"))
-    resume_from, resumed = None, 0
+    resume_from = config.get("resume_from")
+    resumed = 0 if resume_from is None else checkpoint_epoch(Path(resume_from))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         resume_from = Path(checkpoint.to_directory(str(work / "restored")))
@@ -106,11 +116,11 @@ def worker_loop(config: dict[str, Any]) -> None:
         train_finetune(
             cfg, out_dir=work / "run", resume_from=resume_from, on_epoch=on_epoch, device=device
         )
-    except DivergedError as err:
-        # Every rank raises together (the check is all-reduced): one report each.
-        ray.train.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+    except (DivergedError, InputError) as err:
+        return failure_report(err, rank)  # every rank gets here together (all-reduced checks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return None
 
 
 def fit_distributed(
@@ -124,12 +134,16 @@ def fit_distributed(
     max_failures: int = 2,
     callbacks: Sequence[Any] = (),
     status_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> Any:
     """Run `cfg` on `workers` Ray Train workers; returns the `ray.train.Result`.
 
     Checkpoints go to `storage_path/name` (a run of the same name resumes from
-    them); a failed worker group restarts up to `max_failures` times from the
-    last checkpoint.
+    them; a new one starts from the checkpoint directory `resume_from`, if
+    given); a failed worker group restarts up to `max_failures` times from the
+    last checkpoint. Raises Train's `TrainingFailedError` once the restarts
+    are spent; `monoray.runs.outcome.check_outcome` turns it, or the workers'
+    `Result.return_value`, into the run's outcome.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -148,6 +162,7 @@ def fit_distributed(
         train_loop_config={
             "finetune": cfg.to_dict(),
             "status_dir": None if status_dir is None else str(status_dir),
+            "resume_from": None if resume_from is None else str(resume_from),
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpu_per_worker > 0, resources_per_worker=resources
@@ -198,6 +213,10 @@ def finetune_trial(
         max_failures=max_failures,
         callbacks=[TuneReportCallback()],
     )
+    if result.return_value is not None:
+        # A finished result without objectives: FAILED once in Optuna and MLflow, not retried.
+        tune.report(dict(result.return_value))
+        return
     final = dict(result.metrics or {})
     if result.checkpoint is None:
         tune.report(final)
@@ -209,8 +228,8 @@ def _in_process(cfg: FinetuneConfig) -> None:
     from ray import tune
 
     from monoray.finetune.loop import train_finetune
+    from monoray.runs.outcome import DivergedError, failure_report
     from monoray.sweep.restore import restore_checkpoint
-    from monoray.train.trainer import DivergedError
 
     work = Path(tempfile.mkdtemp(prefix="monoray-finetune-"))
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
@@ -224,7 +243,7 @@ def _in_process(cfg: FinetuneConfig) -> None:
     try:
         train_finetune(cfg, out_dir=work / "run", resume_from=resume_from, on_epoch=on_epoch)
     except DivergedError as err:
-        tune.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+        tune.report(failure_report(err, rank=0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

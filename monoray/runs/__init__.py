@@ -1,1 +1,2 @@
-"""What every command shares to run: joining or starting Ray (`monoray.runs.cluster`)."""
+"""What every run shares, whatever executes it (one process, Ray Train workers, a Tune trial):
+joining or starting Ray (`monoray.runs.cluster`) and how a run ends (`monoray.runs.outcome`)."""

@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
 from monoray.sweep.space import Param, SweepSpace, grid_points
 
 BASELINE_ATTR = "monoray_baseline"
@@ -217,8 +218,10 @@ def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: boo
         return "trial raised an error (see the MLflow run / Ray logs)"
     if not result:
         return "trial reported nothing"
-    if result.get("diverged"):
-        return str(result.get("diverged_reason") or "training diverged (non-finite loss)")
+    if result.get(DIVERGED_KEY):
+        return str(result.get(DIVERGED_REASON_KEY) or "training diverged (non-finite loss)")
+    if result.get(INPUT_ERROR_KEY):
+        return f"bad input: {result[INPUT_ERROR_KEY]}"
     for m in metrics:
         value = result.get(m)
         if not isinstance(value, (int, float)) or not math.isfinite(value):

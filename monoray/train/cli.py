@@ -175,9 +175,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from monoray.data import load_features
+    from monoray.runs.outcome import METRICS_FILE
     from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
     from monoray.train.config import TrainConfig
-    from monoray.train.trainer import METRICS_FILE, PROFILE_FILE, train_sae
+    from monoray.train.trainer import PROFILE_FILE, train_sae
 
     flat: dict[str, Any] = {}
     data: dict[str, Any] = {

@@ -10,7 +10,6 @@ No Ray imports here: reporting to Tune is the caller's `on_epoch`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from monoray.data import FeatureSplits
-from monoray.data.store import atomic_write_bytes
 from monoray.data.validate import check_dim
 from monoray.errors import InputError
+from monoray.runs.outcome import DivergedError, write_metrics
 from monoray.sae import build_sae
 from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
 from monoray.train.config import TrainConfig
@@ -35,16 +34,11 @@ log = logging.getLogger(__name__)
 OnEpoch = Callable[[int, dict[str, Any], Path], None]
 """`on_epoch(epoch, metrics, checkpoint_dir)`, called after each epoch's checkpoint is written."""
 
-METRICS_FILE = "metrics.json"
 PROFILE_FILE = "monoscore_profile.png"
 RESUME_MAY_DIFFER = ("epochs", "device", "eval_batch_size")
 """Config keys a resumed run may change (nothing else may differ from the checkpoint's)."""
 ON_DEVICE_BYTES = 1 << 30
 """Train splits held in memory and smaller than this are copied to the device once."""
-
-
-class DivergedError(RuntimeError):
-    """The training loss became NaN or inf; the message names the epoch and step."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,16 +130,9 @@ def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
             )
 
 
-def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-
-
 def write_outputs(out_dir: Path, metrics: dict[str, float], result: EvalResult | None) -> None:
     """Write `metrics.json` (NaN/inf as null) and, given a result, the MonoScore profile PNG."""
-    atomic_write_bytes(
-        out_dir / METRICS_FILE,
-        json.dumps(_json_metrics(metrics), indent=1, sort_keys=True).encode(),
-    )
+    write_metrics(out_dir, metrics)
     if result is not None:
         from monoray.plots import plot_monoscore_profile
 
