@@ -17,6 +17,8 @@ are never NaN (constant latents, a batch of one, all-zero latents). The set of
 active latents is a non-differentiable selection; the count is a constant.
 
 Embeddings are frozen features: they are detached (never receive gradients).
+An all-zero embedding row has `h = 0` (similarity 0 with every sample, as in
+`monoscore`); its activations still count in min, max and the denominator.
 Everything is computed in float64 (`precision="float32"` moves only the
 O(nnz·d) products to float32; a test bounds its error by their rounding); the
 loss is returned in the activations' dtype, connected to the graph.
@@ -57,7 +59,14 @@ from monoray.metrics._checks import (
     to_triplets,
     unit_rows,
 )
-from monoray.metrics.monoscore import col_sum, column_stats, csr, finish_scores, index_dtype
+from monoray.metrics.monoscore import (
+    col_sum,
+    column_stats,
+    csr,
+    finish_scores,
+    index_dtype,
+    zero_rows_removed,
+)
 
 __all__ = ["DEFAULT_EPS", "mono_loss", "mono_loss_rows"]
 
@@ -113,31 +122,47 @@ def safe_range(mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(spread, r, torch.ones_like(r)), spread
 
 
+def zero_rows(h: Tensor) -> Tensor:
+    """[B] float64: 1 for the all-zero rows of the unit-norm embeddings `h`, else 0."""
+    return (~h.any(dim=1)).to(_F64)
+
+
 def dense_stats(
     h: Tensor, x: Tensor, mn: Tensor, rs: Tensor, work: torch.dtype = _F64
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`(u, v, W)` of `Ã = (x - min) / r_safe`: `Σ ã`, `Σ ã²` [M], `ÃᵀH` [M, d] (GEMM in `work`)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(u, v, vh, W)` of `Ã = (x - min) / r_safe`: `Σ ã`, `Σ ã²`, `Σ ||h||² ã²` [M]
+    (`v` less the all-zero rows' share) and `ÃᵀH` [M, d] (GEMM in `work`)."""
     at = (x - mn) / rs
     u = at.sum(0)
-    v = (at * at).sum(0)
+    sq = at * at
+    v = sq.sum(0)
+    vh = v - zero_rows(h) @ sq  # exactly v without zero rows
     w = (at.T.to(work) @ h.to(work)).to(_F64)
-    return u, v, w
+    return u, v, vh, w
 
 
 def loss_from_stats(
-    u: Tensor, v: Tensor, w: Tensor, mn: Tensor, rs: Tensor, spread: Tensor, n: int, eps: float
+    u: Tensor,
+    v: Tensor,
+    vh: Tensor,
+    w: Tensor,
+    mn: Tensor,
+    rs: Tensor,
+    spread: Tensor,
+    n: int,
+    eps: float,
 ) -> Tensor:
     """The float64 MonoLoss of a batch of `n` rows from its `dense_stats`."""
     q = (w * w).sum(1)
-    return _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
+    return _loss_from_parts(0.5 * (q - vh), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
 
 
 def _dense_loss(h: Tensor, a: Tensor, eps: float, work: torch.dtype) -> Tensor:
     x = a.to(_F64)
     mn, mx = torch.amin(x, 0), torch.amax(x, 0)
     rs, spread = safe_range(mn, mx)
-    u, v, w = dense_stats(h, x, mn, rs, work)
-    return loss_from_stats(u, v, w, mn, rs, spread, int(x.shape[0]), eps).to(a.dtype)
+    u, v, vh, w = dense_stats(h, x, mn, rs, work)
+    return loss_from_stats(u, v, vh, w, mn, rs, spread, int(x.shape[0]), eps).to(a.dtype)
 
 
 # --------------------------------------------------------------- sparse path
@@ -273,7 +298,14 @@ def _sparse_loss(
     u = (s1 - n * mn) / rs
     v = (s2 - mn * (2.0 * s1 - n * mn)) / rs2
     q = (q_raw - mn * (2.0 * t - mn * (hsum @ hsum))) / rs2
-    loss = _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
+    # The all-zero rows' share of v, from their stored values (differentiable gathers).
+    zero = zero_rows(h)
+    x = values.to(_F64)
+    xz = zero[plan.row] * x
+    zs1 = torch.zeros_like(s1).index_add(0, plan.col, xz)
+    zs2 = torch.zeros_like(s2).index_add(0, plan.col, xz * x)
+    vh = zero_rows_removed(v, zs1, zs2, zero.sum(), mn, rs)
+    loss = _loss_from_parts(0.5 * (q - vh), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
     return loss.to(out_dtype)
 
 
