@@ -23,6 +23,8 @@ BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
 FAIL_ATTR = "fail_reason"
 TRIAL_KEY = "_optuna_trial"
+FAILED_KEY = "failed_reason"
+"""A trial's final report under this key is FAILED with that reason (e.g. an input error)."""
 """Config key carrying the Optuna trial number into the trial and the tracker."""
 
 
@@ -217,6 +219,8 @@ def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: boo
         return "trial raised an error (see the MLflow run / Ray logs)"
     if not result:
         return "trial reported nothing"
+    if result.get(FAILED_KEY):
+        return str(result[FAILED_KEY])
     if result.get("diverged"):
         return str(result.get("diverged_reason") or "training diverged (non-finite loss)")
     for m in metrics:

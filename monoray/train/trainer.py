@@ -21,14 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from monoray.data import FeatureSplits
+from monoray.data import DataSource, FeatureSplits
 from monoray.data.store import atomic_write_bytes
 from monoray.data.validate import check_dim
+from monoray.data.zero_rows import count_zero_rows
 from monoray.errors import InputError
 from monoray.sae import build_sae
 from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
 from monoray.train.config import TrainConfig
-from monoray.train.evaluate import EvalResult, as_tensor, evaluate, normalize_inputs
+from monoray.train.evaluate import (
+    EvalResult,
+    NonFiniteOutputError,
+    as_tensor,
+    evaluate,
+    normalize_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +143,13 @@ def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
             )
 
 
-def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+def _json_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    # A metric without meaning on this data (purity of an unlabelled split, NaN) is left out.
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def write_outputs(out_dir: Path, metrics: dict[str, float], result: EvalResult | None) -> None:
-    """Write `metrics.json` (NaN/inf as null) and, given a result, the MonoScore profile PNG."""
+    """Write `metrics.json` (finite metrics only) and, given a result, the MonoScore profile PNG."""
     atomic_write_bytes(
         out_dir / METRICS_FILE,
         json.dumps(_json_metrics(metrics), indent=1, sort_keys=True).encode(),
@@ -204,9 +212,11 @@ def train_sae(
         if ckpt is None:
             log.info("no checkpoint in %s; starting from scratch", out_dir)
     data_record = splits.source.to_dict() if splits.source is not None else None
+    zero_rows = splits.zero_rows or count_zero_rows(splits.train, splits.val)
     if ckpt is not None:
         _check_resume(ckpt, cfg)
-        if ckpt.data is not None and data_record is not None and ckpt.data != data_record:
+        ckpt_data = None if ckpt.data is None else DataSource.from_dict(ckpt.data).to_dict()
+        if ckpt_data is not None and data_record is not None and ckpt_data != data_record:
             raise InputError(
                 f"{ckpt.path}/: cannot resume: the checkpoint was trained on "
                 f"{ckpt.data['features']}, this run uses {data_record['features']} "
@@ -271,11 +281,14 @@ def train_sae(
                     device=device,
                     normalize=cfg.normalize,
                 )
-            except InputError as err:  # the data was validated on load: the model's output is bad
+            except NonFiniteOutputError as err:
                 raise DivergedError(
-                    f"evaluation after epoch {epoch} (step {step}) failed: {err}"
+                    f"evaluation after epoch {epoch} (step {step}): {err}"
                 ) from None
-            metrics = {**train, **last_eval.metrics, "epoch": float(epoch), "step": float(step)}
+            except InputError as err:  # never a divergence
+                raise InputError(f"{where}: evaluation after epoch {epoch}: {err}") from None
+            metrics = {**train, **last_eval.metrics, **zero_rows.metrics()}
+            metrics |= {"epoch": float(epoch), "step": float(step)}
             history.append(metrics)
             ckpt_dir = save_checkpoint(
                 out_dir / CHECKPOINTS,
