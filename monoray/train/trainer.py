@@ -36,6 +36,7 @@ from monoray.train.evaluate import (
     evaluate,
     normalize_inputs,
 )
+from monoray.train.schedule import Schedule, length_dependent
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,14 @@ def _progress_bar(total: int, done: int, enabled: bool | None) -> _Progress | No
 
 def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
-    for key in sorted(set(now) | set(ckpt.config)):
-        if key in RESUME_MAY_DIFFER:
+    then = TrainConfig.from_dict(ckpt.config).to_dict()  # keys added since: their defaults
+    may_differ = set(RESUME_MAY_DIFFER) - ({"epochs"} if length_dependent(cfg) else set())
+    for key in sorted(set(now) | set(then)):
+        if key in may_differ:
             continue
-        if now.get(key) != ckpt.config.get(key):
+        if now.get(key) != then.get(key):
             raise InputError(
-                f"{ckpt.path}/: cannot resume: the checkpoint has {key}={ckpt.config.get(key)!r}, "
+                f"{ckpt.path}/: cannot resume: the checkpoint has {key}={then.get(key)!r}, "
                 f"this run {key}={now.get(key)!r}"
             )
 
@@ -231,6 +234,7 @@ def train_sae(
     batches = _Batches(splits.train.features, device)
     n, bs = batches.n, cfg.batch_size
     steps_per_epoch = math.ceil(n / bs)
+    schedule = Schedule.of(cfg, steps_per_epoch)
     bar = _progress_bar(cfg.epochs * steps_per_epoch, start * steps_per_epoch, progress)
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -244,18 +248,24 @@ def train_sae(
                 x_raw = batches.get(perm[b * bs : (b + 1) * bs])
                 x = normalize_inputs(x_raw, cfg.normalize)
                 out = sae.forward_train(x, x_raw)
-                loss = out.loss.loss
+                terms = (
+                    schedule.scale_loss(out.loss, step) if schedule.coefs_scheduled else out.loss
+                )
+                loss = terms.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 sae.before_optimizer_step()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+                if schedule.lr_scheduled:
+                    for group in optimizer.param_groups:
+                        group["lr"] = schedule.lr_at(step)
                 optimizer.step()
                 sae.after_optimizer_step(optimizer)
                 step += 1
                 bad = ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                for key, value in out.loss.metrics().items():
+                for key, value in terms.metrics().items():
                     v = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64)
                     sums[key] = sums[key] + v if key in sums else v
                 if bar is not None:
