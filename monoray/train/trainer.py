@@ -200,7 +200,7 @@ def train_sae(
 
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae).to(device)
-    # One fused kernel for all parameters: 416 -> 350 ms per paper-size step on CPU.
+    # One fused kernel for all parameters (paper-size CPU step: monoray/sae/PERFORMANCE.md).
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
     start, step, history = 0, 0, []
