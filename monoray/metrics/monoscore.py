@@ -1,7 +1,8 @@
 """Exact MonoScore: one-pass accumulator, linear `monoscore`, pairwise reference, summaries.
 
 Definition (spec §1). Embeddings `E` [N, d], activations `A` [N, M];
-`h_n = E_n / ||E_n||`; per latent k, `ã_kn = (a_kn - min_k) / (max_k - min_k)`
+`h_n = E_n / ||E_n||` (`h_n = 0` for an all-zero row: similarity 0 with every
+sample, as the reference's epsilon-normalisation gives); per latent k, `ã_kn = (a_kn - min_k) / (max_k - min_k)`
 (min/max over the N samples; `ã = 0` for a constant latent);
 
     MS_k = Σ_{n<m} ã_kn ã_km (h_n·h_m) / Σ_{n<m} ã_kn ã_km
@@ -15,7 +16,9 @@ One-pass linear form (spec §2, §2a). The raw statistics `n`, `S1 = Σ a`,
 
     u = (S1 - n·min) / r           v = (S2 - 2·min·S1 + n·min²) / r²
     W = (P - min ⊗ Hsum) / r       q = ||W_k||²
-    num = (q - v) / 2              den = (u² - v) / 2           MS = num / den
+    num = (q - vh) / 2             den = (u² - v) / 2           MS = num / den
+
+where `vh = Σ ||h_n||² ã_n²` is `v` less the all-zero rows' share (`zero_rows_removed`).
 
 "Denominator is zero" is decided with one rule shared by every path here
 (linear, accumulator, sparse, pairwise reference, MonoLoss):
@@ -124,7 +127,8 @@ class MonoScoreAccumulator:
     """Exact single-pass MonoScore over batches, mergeable across shards and processes.
 
     State (float64 unless noted, on `device`): `n` (int64 scalar), `s1`, `s2`,
-    `min`, `max` ([M]), `p` ([M, d], `Σ_n a_n ⊗ h_n`), `h_sum` ([d]). `update`
+    `min`, `max` ([M]), `p` ([M, d], `Σ_n a_n ⊗ h_n`), `h_sum` ([d]), and `zero_n`,
+    `zero_s1`, `zero_s2`: count, `Σ a`, `Σ a²` over rows with all-zero embeddings. `update`
     adds a batch (dense, or torch sparse COO/CSR in O(nnz·d)); `merge` adds
     another accumulator; `all_reduce` / `reduce` do the same across
     torch.distributed ranks; `compute` returns the exact dataset MonoScore,
