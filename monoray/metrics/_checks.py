@@ -115,11 +115,16 @@ def inv_row_norms(embeddings: Tensor, name: str = "embeddings") -> Tensor:
 
 def unit_rows(embeddings: Tensor, name: str = "embeddings") -> Tensor:
     """float64 `h_n = E_n / ||E_n||`, 0 for an all-zero row (validated as in `inv_row_norms`)."""
+    return unit_rows_and_zeros(embeddings, name)[0]
+
+
+def unit_rows_and_zeros(embeddings: Tensor, name: str = "embeddings") -> tuple[Tensor, Tensor]:
+    """`(h, zero)`: `unit_rows` and its `zero_row_weights` [N] (no extra pass over `h`)."""
     e = embeddings.detach()
-    if e.dtype == torch.float64:
-        return e * inv_row_norms(e, name)
-    h = e.to(torch.float64)  # cast once, normalise in place
-    return h.mul_(inv_row_norms(h, name))
+    h = e.to(torch.float64)  # float64 input: a view, so not modified in place below
+    inv = inv_row_norms(h, name)
+    h = h * inv if e.dtype == torch.float64 else h.mul_(inv)  # cast once, normalise in place
+    return h, zero_row_weights(inv)
 
 
 def zero_row_weights(inv: Tensor) -> Tensor:

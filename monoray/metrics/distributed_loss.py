@@ -136,14 +136,17 @@ def _world_size(group: object) -> int:
     return world
 
 
-def _local_inputs(embeddings: object, activations: object, eps: float) -> tuple[Tensor, Tensor]:
-    """Unit-norm float64 embeddings and the dense activations, validated on this rank alone."""
+def _local_inputs(
+    embeddings: object, activations: object, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit-norm float64 embeddings, their zero-row weights and the dense activations,
+    validated on this rank alone."""
     check_eps(eps)
-    h, a = loss_inputs(embeddings, activations)
+    h, zero, a = loss_inputs(embeddings, activations)
     if is_sparse(a):
         raise InputError("activations: mono_loss_global takes dense activations, got sparse")
     check_finite_dense(a.detach(), "activations")
-    return h, a
+    return h, zero, a
 
 
 def _header_device(group: object) -> torch.device:
@@ -194,7 +197,7 @@ def mono_loss_global(
         return mono_loss(embeddings, activations, eps=eps)
     error: InputError | None = None
     try:
-        h, a = _local_inputs(embeddings, activations, eps)
+        h, zero, a = _local_inputs(embeddings, activations, eps)
         m, d = int(a.shape[1]), int(h.shape[1])
     except InputError as err:
         error, m, d = err, 0, 0
@@ -202,7 +205,7 @@ def mono_loss_global(
     x = a.to(_F64)
     mn, mx = _GlobalExtremes.apply(x, group)
     rs, spread = safe_range(mn, mx)
-    u, v, vh, w = dense_stats(h, x, mn, rs)
+    u, v, vh, w = dense_stats(h, zero, x, mn, rs)
     n = torch.full((1,), x.shape[0], dtype=_F64, device=x.device)
     total = _SumAcrossRanks.apply(torch.cat([u, v, vh, w.reshape(-1), n]), group)
     u, v, vh = total[:m], total[m : 2 * m], total[2 * m : 3 * m]

@@ -57,7 +57,7 @@ from monoray.metrics._checks import (
     check_rows,
     is_sparse,
     to_triplets,
-    unit_rows,
+    unit_rows_and_zeros,
 )
 from monoray.metrics.monoscore import (
     col_sum,
@@ -96,14 +96,15 @@ def check_eps(eps: float) -> float:
     return eps
 
 
-def loss_inputs(embeddings: object, activations: object) -> tuple[Tensor, Tensor]:
-    """`(h, a)`: float64 unit-norm embeddings on the activations' device, and the activations
-    (dense or sparse), checked for shape and row count. Finiteness is the caller's."""
+def loss_inputs(embeddings: object, activations: object) -> tuple[Tensor, Tensor, Tensor]:
+    """`(h, zero, a)`: float64 unit-norm embeddings on the activations' device, their
+    `zero_row_weights` [B] and the activations (dense or sparse), checked for shape and
+    row count. Finiteness is the caller's."""
     e = as_tensor(embeddings, "embeddings")
     check_2d_float(e, "embeddings")
     a = check_activations(activations)
     check_rows("embeddings", int(e.shape[0]), "activations", int(a.shape[0]))
-    return unit_rows(e.to(a.device)), a
+    return *unit_rows_and_zeros(e.to(a.device)), a
 
 
 def _work_dtype(precision: str) -> torch.dtype:
@@ -122,21 +123,16 @@ def safe_range(mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(spread, r, torch.ones_like(r)), spread
 
 
-def zero_rows(h: Tensor) -> Tensor:
-    """[B] float64: 1 for the all-zero rows of the unit-norm embeddings `h`, else 0."""
-    return (~h.any(dim=1)).to(_F64)
-
-
 def dense_stats(
-    h: Tensor, x: Tensor, mn: Tensor, rs: Tensor, work: torch.dtype = _F64
+    h: Tensor, zero: Tensor, x: Tensor, mn: Tensor, rs: Tensor, work: torch.dtype = _F64
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`(u, v, vh, W)` of `Ã = (x - min) / r_safe`: `Σ ã`, `Σ ã²`, `Σ ||h||² ã²` [M]
-    (`v` less the all-zero rows' share) and `ÃᵀH` [M, d] (GEMM in `work`)."""
+    (`v` less the share of the all-zero rows, `zero` [B]) and `ÃᵀH` [M, d] (GEMM in `work`)."""
     at = (x - mn) / rs
     u = at.sum(0)
     sq = at * at
     v = sq.sum(0)
-    vh = v - zero_rows(h) @ sq  # exactly v without zero rows
+    vh = v - zero @ sq  # exactly v without zero rows
     w = (at.T.to(work) @ h.to(work)).to(_F64)
     return u, v, vh, w
 
@@ -157,11 +153,11 @@ def loss_from_stats(
     return _loss_from_parts(0.5 * (q - vh), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
 
 
-def _dense_loss(h: Tensor, a: Tensor, eps: float, work: torch.dtype) -> Tensor:
+def _dense_loss(h: Tensor, zero: Tensor, a: Tensor, eps: float, work: torch.dtype) -> Tensor:
     x = a.to(_F64)
     mn, mx = torch.amin(x, 0), torch.amax(x, 0)
     rs, spread = safe_range(mn, mx)
-    u, v, vh, w = dense_stats(h, x, mn, rs, work)
+    u, v, vh, w = dense_stats(h, zero, x, mn, rs, work)
     return loss_from_stats(u, v, vh, w, mn, rs, spread, int(x.shape[0]), eps).to(a.dtype)
 
 
@@ -285,7 +281,13 @@ def _raise_bad_values(v: Tensor, row: Tensor, name: str) -> None:
 
 
 def _sparse_loss(
-    h: Tensor, values: Tensor, plan: _Plan, eps: float, out_dtype: torch.dtype, work: torch.dtype
+    h: Tensor,
+    zero: Tensor,
+    values: Tensor,
+    plan: _Plan,
+    eps: float,
+    out_dtype: torch.dtype,
+    work: torch.dtype,
 ) -> Tensor:
     n = plan.n_rows
     hsum = h.sum(0)
@@ -299,7 +301,6 @@ def _sparse_loss(
     v = (s2 - mn * (2.0 * s1 - n * mn)) / rs2
     q = (q_raw - mn * (2.0 * t - mn * (hsum @ hsum))) / rs2
     # The all-zero rows' share of v, from their stored values (differentiable gathers).
-    zero = zero_rows(h)
     x = values.to(_F64)
     xz = zero[plan.row] * x
     zs1 = torch.zeros_like(s1).index_add(0, plan.col, xz)
@@ -331,15 +332,15 @@ def mono_loss(
     `tests/test_metrics_loss.py`).
     """
     eps, work = check_eps(eps), _work_dtype(precision)
-    h, a = loss_inputs(embeddings, activations)
+    h, zero, a = loss_inputs(embeddings, activations)
     if not is_sparse(a):
         check_finite_dense(a.detach(), "activations")
-        return _dense_loss(h, a, eps, work)
+        return _dense_loss(h, zero, a, eps, work)
     t = to_triplets(a)  # finiteness is checked inside the statistics pass
     plan = _make_plan(
         t.row, t.col, t.n_rows, t.n_cols, int(h.shape[1]), "activations", "activations"
     )
-    return _sparse_loss(h, t.val, plan, eps, a.dtype, work)
+    return _sparse_loss(h, zero, t.val, plan, eps, a.dtype, work)
 
 
 def mono_loss_rows(
@@ -398,6 +399,6 @@ def mono_loss_rows(
     if lo_hi is not None and (int(lo_hi.min) < 0 or int(lo_hi.max) >= m):
         raise InputError(f"col_indices: index out of range [0, {m})")
     row = torch.repeat_interleave(torch.arange(b, device=col.device), counts, output_size=nnz)
-    h = unit_rows(e.to(values.device))
+    h, zero = unit_rows_and_zeros(e.to(values.device))
     plan = _make_plan(row, col, b, m, int(h.shape[1]), "col_indices", "values")
-    return _sparse_loss(h, values, plan, eps, values.dtype, work)
+    return _sparse_loss(h, zero, values, plan, eps, values.dtype, work)
