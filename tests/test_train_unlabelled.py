@@ -1,4 +1,4 @@
-"""`monoray train` on unlabelled features: metrics without meaning (class purity) are neither
+"""`monoray train` (and `inspect`) on unlabelled features: metrics without meaning (class purity) are neither
 printed nor written to metrics.json."""
 
 from __future__ import annotations
@@ -27,3 +27,6 @@ def test_unlabelled_run_omits_purity(tmp_path: Path, capsys: pytest.CaptureFixtu
     metrics = json.loads((out / "metrics.json").read_text())
     assert "r2" in metrics and not any(k.startswith("purity") for k in metrics)
     assert None not in metrics.values()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "monoscore_mean" in text and "purity" not in text and " nan" not in text

@@ -151,3 +151,35 @@ def test_sweep_trials_on_zero_row_data_complete(
     client: MlflowClient = records.client
     for run_id in records.runs.values():
         assert client.get_run(run_id).data.metrics["zero_rows_train"] == 40
+
+
+@pytest.mark.integration
+def test_trial_input_error_is_failed_with_its_reason_not_retried(
+    ray_session, tmp_path: Path
+) -> None:
+    from ray import tune
+
+    from monoray.sweep.search import failure_reason
+    from monoray.sweep.trial import sae_trial
+
+    digits = load_features("digits")
+    bad = np.array(digits.val.features)
+    bad[7, 3] = np.inf  # past load-time validation: found by the trial's evaluation
+    splits = FeatureSplits(
+        train=digits.train, val=dataclasses.replace(digits.val, features=bad), header=digits.header
+    )
+    config = {"arch": "topk", "d_sae": 32, "k": 4, "epochs": 1, "batch_size": 256, "device": "cpu"}
+    grid = tune.Tuner(
+        tune.with_parameters(sae_trial, splits=splits),
+        param_space=config,
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path),
+            failure_config=tune.FailureConfig(max_failures=2),
+            verbose=0,
+        ),
+    ).fit()
+    result = grid[0]
+    assert result.error is None  # no exception, so Tune neither retries nor prints a stack
+    reason = failure_reason(result.metrics, ["r2", "monoscore_mean"], error=False)
+    assert reason.startswith("input error: ") and "val features: contains inf" in reason
+    assert "diverged" not in result.metrics
