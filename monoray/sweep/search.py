@@ -23,9 +23,9 @@ BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
 FAIL_ATTR = "fail_reason"
 TRIAL_KEY = "_optuna_trial"
+"""Config key carrying the Optuna trial number into the trial and the tracker."""
 FAILED_KEY = "failed_reason"
 """A trial's final report under this key is FAILED with that reason (e.g. an input error)."""
-"""Config key carrying the Optuna trial number into the trial and the tracker."""
 
 
 def build_sampler(space: SweepSpace) -> optuna.samplers.BaseSampler:
