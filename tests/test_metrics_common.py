@@ -50,7 +50,10 @@ def make_column(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 @st.composite
-def cases(draw, max_n: int = 20, max_m: int = 6, max_d: int = 5, min_n: int = 1) -> Case:
+def cases(
+    draw, max_n: int = 20, max_m: int = 6, max_d: int = 5, min_n: int = 1, zero_rows: bool = False
+) -> Case:
+    """`zero_rows`: some embedding rows (any number, all included) are all zeros."""
     n = draw(st.integers(min_n, max_n))
     m = draw(st.integers(1, max_m))
     d = draw(st.integers(1, max_d))
@@ -59,6 +62,8 @@ def cases(draw, max_n: int = 20, max_m: int = 6, max_d: int = 5, min_n: int = 1)
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(n, d, generator=g, dtype=torch.float64)
     e[e.norm(dim=1) == 0] = 1.0
+    if zero_rows:
+        e[draw(st.lists(st.integers(0, n - 1), max_size=n, unique=True))] = 0.0
     a = torch.stack([make_column(k, n, g) for k in kinds], dim=1)
     return Case(e, a, kinds)
 
@@ -84,7 +89,8 @@ def as_layout(a: torch.Tensor, layout: str) -> torch.Tensor:
 
 def pairwise_loss(e: torch.Tensor, a: torch.Tensor, eps: float) -> torch.Tensor:
     """Reference batch MonoLoss: dense pairwise sums over n < m, differentiated by autograd."""
-    h = e / e.norm(dim=1, keepdim=True)
+    norm = e.norm(dim=1, keepdim=True)
+    h = e / torch.where(norm > 0, norm, 1.0)  # an all-zero row: h = 0
     mn, mx = torch.amin(a, 0), torch.amax(a, 0)
     r = mx - mn
     spread = r > 0

@@ -176,7 +176,7 @@ def _check_global(
 def split_cases(draw: st.DrawFn) -> tuple[str, Case, list[int]]:
     name = draw(st.sampled_from(["pair", "world"]))
     world = len(GROUPS[name])
-    case = draw(cases(min_n=world, max_n=14))
+    case = draw(cases(min_n=world, max_n=14, zero_rows=True))
     n = case.activations.shape[0]
     cuts = st.lists(st.integers(1, n - 1), min_size=world - 1, max_size=world - 1, unique=True)
     bounds = [0, *sorted(draw(cuts)), n]

@@ -16,18 +16,21 @@ from monoray.data.load import (
 from monoray.data.sharded import ShardedArray
 from monoray.data.store import FeatureStoreWriter, open_store, read_header
 from monoray.data.types import (
+    ZERO_ROWS,
     DataSource,
     FeatureArray,
     FeatureSplit,
     FeatureSplits,
     ShardInfo,
     StoreHeader,
+    ZeroRows,
 )
 from monoray.data.validate import check_dim
 
 __all__ = [
     "DIGITS",
     "DIGITS_MIN_INK",
+    "ZERO_ROWS",
     "DataSource",
     "FeatureArray",
     "FeatureSplit",
@@ -36,6 +39,7 @@ __all__ = [
     "ShardInfo",
     "ShardedArray",
     "StoreHeader",
+    "ZeroRows",
     "check_dim",
     "load_digits",
     "load_features",

@@ -12,6 +12,7 @@ from monoray.data.sharded import ShardedArray
 from monoray.data.store import HEADER, open_store
 from monoray.data.types import DataSource, FeatureSplit, FeatureSplits, StoreHeader
 from monoray.data.validate import check_dim, check_features, check_ids, check_images, check_labels
+from monoray.data.zero_rows import apply_zero_rows, check_policy
 from monoray.errors import InputError
 
 DIGITS = "digits"
@@ -35,6 +36,7 @@ def load_features(
     seed: int = 0,
     val_fraction: float = 0.2,
     d_in: int | None = None,
+    zero_rows: str = "keep",
 ) -> FeatureSplits:
     """Load train/val feature splits from "digits", a `.npz` file or a feature-store directory.
 
@@ -42,9 +44,12 @@ def load_features(
     `val_fraction` by `seed` (digits: stratified by class; a store directory
     with `train/` and `val/` subdirectories: those). With `val_source`, all of
     `source` is the train split and all of `val_source` the val split.
-    `d_in`, if given, must equal the feature width. Every problem raises one
+    `d_in`, if given, must equal the feature width. All-zero rows are
+    counted (`FeatureSplits.zero_rows`) and kept, dropped or refused by
+    `zero_rows` (see `monoray.data.zero_rows`). Every problem raises one
     `InputError` naming the file.
     """
+    check_policy(zero_rows)
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
     name = str(source)
@@ -83,8 +88,10 @@ def load_features(
         val_features=None if val_source is None else str(Path(val_source).resolve()),
         seed=seed,
         val_fraction=val_fraction,
+        zero_rows=zero_rows,
     )
-    return FeatureSplits(train=splits.train, val=splits.val, header=splits.header, source=src)
+    train, val, zero = apply_zero_rows(splits.train, splits.val, zero_rows, where=name)
+    return FeatureSplits(train=train, val=val, header=splits.header, source=src, zero_rows=zero)
 
 
 def load_source(source: DataSource) -> FeatureSplits:
@@ -94,6 +101,7 @@ def load_source(source: DataSource) -> FeatureSplits:
         val_source=source.val_features,
         seed=source.seed,
         val_fraction=source.val_fraction,
+        zero_rows=source.zero_rows,
     )
 
 

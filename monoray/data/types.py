@@ -124,6 +124,33 @@ class FeatureSplit:
         return int(self.features.shape[1])
 
 
+ZERO_ROWS = ("keep", "drop", "error")
+"""What loading does with all-zero feature rows (`monoray.data.zero_rows`); "keep" is the default."""
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroRows:
+    """All-zero rows found when the splits were loaded, and what was done with them."""
+
+    policy: str = "keep"
+    """One of `ZERO_ROWS`."""
+    train: int = 0
+    """All-zero rows in the train split as loaded (before any drop)."""
+    val: int = 0
+    """All-zero rows in the val split as loaded (before any drop)."""
+
+    def metrics(self) -> dict[str, float]:
+        """`zero_rows_train` / `zero_rows_val` (for metrics.json and the trackers)."""
+        return {"zero_rows_train": float(self.train), "zero_rows_val": float(self.val)}
+
+    def describe(self) -> str:
+        """One line for the load report."""
+        if not self.train and not self.val:
+            return "no all-zero rows"
+        what = {"keep": "kept: similarity 0 with every sample", "drop": "dropped"}[self.policy]
+        return f"all-zero rows: {self.train} train, {self.val} val ({what})"
+
+
 @dataclass(frozen=True, slots=True)
 class DataSource:
     """Where a `FeatureSplits` came from: enough to load the same splits again."""
@@ -136,6 +163,8 @@ class DataSource:
     """Seed of the train/val split (ignored when `val_features` is given)."""
     val_fraction: float = 0.2
     """Share of samples in the validation split when splitting."""
+    zero_rows: str = "keep"
+    """What was done with all-zero feature rows (one of `ZERO_ROWS`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -159,6 +188,8 @@ class FeatureSplits:
     """Encoder, dim, dtype and normalisation of the features."""
     source: DataSource | None = None
     """How to load these splits again (recorded in checkpoints for `monoray inspect`)."""
+    zero_rows: ZeroRows | None = None
+    """All-zero rows found at load and what was done with them (None: not counted)."""
 
     def head(self, n: int) -> FeatureSplits:
         """At most the first `n` rows of each split (dry runs, smoke tests)."""
@@ -167,6 +198,11 @@ class FeatureSplits:
         def cut(split: FeatureSplit) -> FeatureSplit:
             return split if len(split) <= n else take_rows(split, np.arange(n))
 
+        train, val, zero = cut(self.train), cut(self.val), self.zero_rows
+        if zero is not None and zero.policy == "keep":
+            from monoray.data.zero_rows import count_zero_rows
+
+            zero = count_zero_rows(train, val)
         return FeatureSplits(
-            train=cut(self.train), val=cut(self.val), header=self.header, source=self.source
+            train=train, val=val, header=self.header, source=self.source, zero_rows=zero
         )

@@ -94,33 +94,48 @@ def check_cols(name: str, cols: int, expected: int, what: str) -> None:
 
 
 def inv_row_norms(embeddings: Tensor, name: str = "embeddings") -> Tensor:
-    """float64 `1 / ||E_n||` per row [N, 1]; raises on non-finite values or zero-norm rows.
+    """float64 `1 / ||E_n||` per row [N, 1], 0 for an all-zero row; raises on non-finite values.
 
-    The row norms double as the finiteness check: a row's norm is finite and
-    positive iff all its entries are finite and not all zero (barring overflow
-    beyond 1e154, reported as such).
+    An all-zero row (flat patch, padding) gets `h_n = 0`: similarity 0 with
+    every sample, as the reference's epsilon-normalisation gives. The row
+    norms double as the finiteness check: a row's norm is finite iff all its
+    entries are (barring overflow beyond 1e154, reported as such).
     """
     e = embeddings.detach()
     norms = torch.linalg.vector_norm(e, dim=1, keepdim=True, dtype=torch.float64)
-    ok = torch.isfinite(norms) & (norms > 0)
+    ok = torch.isfinite(norms)
     if not bool(ok.all()):
         row = int(torch.nonzero(~ok.squeeze(1))[0, 0])
         if not bool(torch.isfinite(e[row]).all()):
             what = "NaN" if bool(torch.isnan(e[row]).any()) else "inf"
             raise InputError(f"{name}: contains {what} at row {row}")
-        if not bool(torch.isfinite(norms[row])):
-            raise InputError(f"{name}: row {row} overflows float64 when squared")
-        raise InputError(f"{name}: row {row} is all zeros (cosine similarity undefined)")
-    return 1.0 / norms
+        raise InputError(f"{name}: row {row} overflows float64 when squared")
+    return (1.0 / norms).masked_fill_(norms == 0, 0.0)
 
 
 def unit_rows(embeddings: Tensor, name: str = "embeddings") -> Tensor:
-    """float64 `h_n = E_n / ||E_n||` (validated as in `inv_row_norms`)."""
+    """float64 `h_n = E_n / ||E_n||`, 0 for an all-zero row (validated as in `inv_row_norms`)."""
+    return unit_rows_and_zeros(embeddings, name)[0]
+
+
+def unit_rows_and_zeros(embeddings: Tensor, name: str = "embeddings") -> tuple[Tensor, Tensor]:
+    """`(h, zero)`: `unit_rows` and its `zero_row_weights` [N] (no extra pass over `h`)."""
     e = embeddings.detach()
-    if e.dtype == torch.float64:
-        return e * inv_row_norms(e, name)
-    h = e.to(torch.float64)  # cast once, normalise in place
-    return h.mul_(inv_row_norms(h, name))
+    h = e.to(torch.float64)  # float64 input: a view, so not modified in place below
+    inv = inv_row_norms(h, name)
+    h = h * inv if e.dtype == torch.float64 else h.mul_(inv)  # cast once, normalise in place
+    return h, zero_row_weights(inv)
+
+
+def zero_row_weights(inv: Tensor) -> Tensor:
+    """[N] float64: 1 for the all-zero rows (`inv_row_norms` 0), else 0.
+
+    The linear forms use `||h_n||² = 1` for the self-pair term `Σ ã²` of the
+    numerator; a zero row has `||h_n||² = 0`, so its share (`Σ_zero ã²`, built
+    with these weights) is taken out again. All weights 0 leave every result
+    bit-identical.
+    """
+    return (inv.reshape(-1) == 0).to(torch.float64)
 
 
 @dataclass(frozen=True, slots=True)

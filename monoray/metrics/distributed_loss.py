@@ -14,13 +14,14 @@ single-process gradient. Method (all statistics float64):
 2. Each rank normalises its rows with the global min/range and forms its share
    of the statistics `u = Σ ã`, `v = Σ ã²` [M] and `W = ÃᵀH` [M, d]
    (`dense_stats`, shared with `mono_loss`).
-3. One all_reduce(SUM) of `(u, v, W, n)` whose backward is the identity
+3. One all_reduce(SUM) of `(u, v, vh, W, n)` (`vh`: `v` without the all-zero
+   embedding rows) whose backward is the identity
    (`_SumAcrossRanks`), then the loss is finished locally from the totals
    (`loss_from_stats`, shared with `mono_loss`); every rank computes the same
    value.
 
 Collectives per call: forward three all_reduces (a 7-number header that
-checks the inputs agree, 2M numbers for min/max, M(d+2)+1 float64 numbers for
+checks the inputs agree, 2M numbers for min/max, M(d+3)+1 float64 numbers for
 the statistics: 8 MiB at M = 2048, d = 512); backward one all_reduce of 4M
 numbers. Every rank of `group` must call it with the same `eps`, in the same
 order relative to other collectives on that group, and must backpropagate the
@@ -135,14 +136,17 @@ def _world_size(group: object) -> int:
     return world
 
 
-def _local_inputs(embeddings: object, activations: object, eps: float) -> tuple[Tensor, Tensor]:
-    """Unit-norm float64 embeddings and the dense activations, validated on this rank alone."""
+def _local_inputs(
+    embeddings: object, activations: object, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit-norm float64 embeddings, their zero-row weights and the dense activations,
+    validated on this rank alone."""
     check_eps(eps)
-    h, a = loss_inputs(embeddings, activations)
+    h, zero, a = loss_inputs(embeddings, activations)
     if is_sparse(a):
         raise InputError("activations: mono_loss_global takes dense activations, got sparse")
     check_finite_dense(a.detach(), "activations")
-    return h, a
+    return h, zero, a
 
 
 def _header_device(group: object) -> torch.device:
@@ -193,7 +197,7 @@ def mono_loss_global(
         return mono_loss(embeddings, activations, eps=eps)
     error: InputError | None = None
     try:
-        h, a = _local_inputs(embeddings, activations, eps)
+        h, zero, a = _local_inputs(embeddings, activations, eps)
         m, d = int(a.shape[1]), int(h.shape[1])
     except InputError as err:
         error, m, d = err, 0, 0
@@ -201,14 +205,15 @@ def mono_loss_global(
     x = a.to(_F64)
     mn, mx = _GlobalExtremes.apply(x, group)
     rs, spread = safe_range(mn, mx)
-    u, v, w = dense_stats(h, x, mn, rs)
+    u, v, vh, w = dense_stats(h, zero, x, mn, rs)
     n = torch.full((1,), x.shape[0], dtype=_F64, device=x.device)
-    total = _SumAcrossRanks.apply(torch.cat([u, v, w.reshape(-1), n]), group)
-    u, v, w = total[:m], total[m : 2 * m], total[2 * m : -1].view(m, d)
+    total = _SumAcrossRanks.apply(torch.cat([u, v, vh, w.reshape(-1), n]), group)
+    u, v, vh = total[:m], total[m : 2 * m], total[2 * m : 3 * m]
+    w = total[3 * m : -1].view(m, d)
     # min and range enter the finish only through the (non-differentiable) choice
     # of active latents; detached, they keep `_GlobalExtremes`' incoming
     # gradient a pure per-rank share, which its backward sums over ranks.
-    loss = loss_from_stats(u, v, w, mn.detach(), rs.detach(), spread, int(total[-1]), eps)
+    loss = loss_from_stats(u, v, vh, w, mn.detach(), rs.detach(), spread, int(total[-1]), eps)
     return loss.to(a.dtype)
 
 

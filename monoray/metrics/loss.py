@@ -17,6 +17,8 @@ are never NaN (constant latents, a batch of one, all-zero latents). The set of
 active latents is a non-differentiable selection; the count is a constant.
 
 Embeddings are frozen features: they are detached (never receive gradients).
+An all-zero embedding row has `h = 0` (similarity 0 with every sample, as in
+`monoscore`); its activations still count in min, max and the denominator.
 Everything is computed in float64 (`precision="float32"` moves only the
 O(nnz·d) products to float32; a test bounds its error by their rounding); the
 loss is returned in the activations' dtype, connected to the graph.
@@ -55,9 +57,16 @@ from monoray.metrics._checks import (
     check_rows,
     is_sparse,
     to_triplets,
-    unit_rows,
+    unit_rows_and_zeros,
 )
-from monoray.metrics.monoscore import col_sum, column_stats, csr, finish_scores, index_dtype
+from monoray.metrics.monoscore import (
+    col_sum,
+    column_stats,
+    csr,
+    finish_scores,
+    index_dtype,
+    zero_rows_removed,
+)
 
 __all__ = ["DEFAULT_EPS", "mono_loss", "mono_loss_rows"]
 
@@ -87,14 +96,15 @@ def check_eps(eps: float) -> float:
     return eps
 
 
-def loss_inputs(embeddings: object, activations: object) -> tuple[Tensor, Tensor]:
-    """`(h, a)`: float64 unit-norm embeddings on the activations' device, and the activations
-    (dense or sparse), checked for shape and row count. Finiteness is the caller's."""
+def loss_inputs(embeddings: object, activations: object) -> tuple[Tensor, Tensor, Tensor]:
+    """`(h, zero, a)`: float64 unit-norm embeddings on the activations' device, their
+    `zero_row_weights` [B] and the activations (dense or sparse), checked for shape and
+    row count. Finiteness is the caller's."""
     e = as_tensor(embeddings, "embeddings")
     check_2d_float(e, "embeddings")
     a = check_activations(activations)
     check_rows("embeddings", int(e.shape[0]), "activations", int(a.shape[0]))
-    return unit_rows(e.to(a.device)), a
+    return *unit_rows_and_zeros(e.to(a.device)), a
 
 
 def _work_dtype(precision: str) -> torch.dtype:
@@ -114,30 +124,41 @@ def safe_range(mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dense_stats(
-    h: Tensor, x: Tensor, mn: Tensor, rs: Tensor, work: torch.dtype = _F64
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`(u, v, W)` of `Ã = (x - min) / r_safe`: `Σ ã`, `Σ ã²` [M], `ÃᵀH` [M, d] (GEMM in `work`)."""
+    h: Tensor, zero: Tensor, x: Tensor, mn: Tensor, rs: Tensor, work: torch.dtype = _F64
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(u, v, vh, W)` of `Ã = (x - min) / r_safe`: `Σ ã`, `Σ ã²`, `Σ ||h||² ã²` [M]
+    (`v` less the share of the all-zero rows, `zero` [B]) and `ÃᵀH` [M, d] (GEMM in `work`)."""
     at = (x - mn) / rs
     u = at.sum(0)
-    v = (at * at).sum(0)
+    sq = at * at
+    v = sq.sum(0)
+    vh = v - zero @ sq  # exactly v without zero rows
     w = (at.T.to(work) @ h.to(work)).to(_F64)
-    return u, v, w
+    return u, v, vh, w
 
 
 def loss_from_stats(
-    u: Tensor, v: Tensor, w: Tensor, mn: Tensor, rs: Tensor, spread: Tensor, n: int, eps: float
+    u: Tensor,
+    v: Tensor,
+    vh: Tensor,
+    w: Tensor,
+    mn: Tensor,
+    rs: Tensor,
+    spread: Tensor,
+    n: int,
+    eps: float,
 ) -> Tensor:
     """The float64 MonoLoss of a batch of `n` rows from its `dense_stats`."""
     q = (w * w).sum(1)
-    return _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
+    return _loss_from_parts(0.5 * (q - vh), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
 
 
-def _dense_loss(h: Tensor, a: Tensor, eps: float, work: torch.dtype) -> Tensor:
+def _dense_loss(h: Tensor, zero: Tensor, a: Tensor, eps: float, work: torch.dtype) -> Tensor:
     x = a.to(_F64)
     mn, mx = torch.amin(x, 0), torch.amax(x, 0)
     rs, spread = safe_range(mn, mx)
-    u, v, w = dense_stats(h, x, mn, rs, work)
-    return loss_from_stats(u, v, w, mn, rs, spread, int(x.shape[0]), eps).to(a.dtype)
+    u, v, vh, w = dense_stats(h, zero, x, mn, rs, work)
+    return loss_from_stats(u, v, vh, w, mn, rs, spread, int(x.shape[0]), eps).to(a.dtype)
 
 
 # --------------------------------------------------------------- sparse path
@@ -260,7 +281,13 @@ def _raise_bad_values(v: Tensor, row: Tensor, name: str) -> None:
 
 
 def _sparse_loss(
-    h: Tensor, values: Tensor, plan: _Plan, eps: float, out_dtype: torch.dtype, work: torch.dtype
+    h: Tensor,
+    zero: Tensor,
+    values: Tensor,
+    plan: _Plan,
+    eps: float,
+    out_dtype: torch.dtype,
+    work: torch.dtype,
 ) -> Tensor:
     n = plan.n_rows
     hsum = h.sum(0)
@@ -273,7 +300,13 @@ def _sparse_loss(
     u = (s1 - n * mn) / rs
     v = (s2 - mn * (2.0 * s1 - n * mn)) / rs2
     q = (q_raw - mn * (2.0 * t - mn * (hsum @ hsum))) / rs2
-    loss = _loss_from_parts(0.5 * (q - v), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
+    # The all-zero rows' share of v, from their stored values (differentiable gathers).
+    x = values.to(_F64)
+    xz = zero[plan.row] * x
+    zs1 = torch.zeros_like(s1).index_add(0, plan.col, xz)
+    zs2 = torch.zeros_like(s2).index_add(0, plan.col, xz * x)
+    vh = zero_rows_removed(v, zs1, zs2, zero.sum(), mn, rs)
+    loss = _loss_from_parts(0.5 * (q - vh), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
     return loss.to(out_dtype)
 
 
@@ -299,15 +332,15 @@ def mono_loss(
     `tests/test_metrics_loss.py`).
     """
     eps, work = check_eps(eps), _work_dtype(precision)
-    h, a = loss_inputs(embeddings, activations)
+    h, zero, a = loss_inputs(embeddings, activations)
     if not is_sparse(a):
         check_finite_dense(a.detach(), "activations")
-        return _dense_loss(h, a, eps, work)
+        return _dense_loss(h, zero, a, eps, work)
     t = to_triplets(a)  # finiteness is checked inside the statistics pass
     plan = _make_plan(
         t.row, t.col, t.n_rows, t.n_cols, int(h.shape[1]), "activations", "activations"
     )
-    return _sparse_loss(h, t.val, plan, eps, a.dtype, work)
+    return _sparse_loss(h, zero, t.val, plan, eps, a.dtype, work)
 
 
 def mono_loss_rows(
@@ -366,6 +399,6 @@ def mono_loss_rows(
     if lo_hi is not None and (int(lo_hi.min) < 0 or int(lo_hi.max) >= m):
         raise InputError(f"col_indices: index out of range [0, {m})")
     row = torch.repeat_interleave(torch.arange(b, device=col.device), counts, output_size=nnz)
-    h = unit_rows(e.to(values.device))
+    h, zero = unit_rows_and_zeros(e.to(values.device))
     plan = _make_plan(row, col, b, m, int(h.shape[1]), "col_indices", "values")
-    return _sparse_loss(h, values, plan, eps, values.dtype, work)
+    return _sparse_loss(h, zero, values, plan, eps, values.dtype, work)

@@ -1,7 +1,8 @@
 """Exact MonoScore: one-pass accumulator, linear `monoscore`, pairwise reference, summaries.
 
 Definition (spec §1). Embeddings `E` [N, d], activations `A` [N, M];
-`h_n = E_n / ||E_n||`; per latent k, `ã_kn = (a_kn - min_k) / (max_k - min_k)`
+`h_n = E_n / ||E_n||` (`h_n = 0` for an all-zero row: similarity 0 with every
+sample, as the reference's epsilon-normalisation gives); per latent k, `ã_kn = (a_kn - min_k) / (max_k - min_k)`
 (min/max over the N samples; `ã = 0` for a constant latent);
 
     MS_k = Σ_{n<m} ã_kn ã_km (h_n·h_m) / Σ_{n<m} ã_kn ã_km
@@ -15,7 +16,9 @@ One-pass linear form (spec §2, §2a). The raw statistics `n`, `S1 = Σ a`,
 
     u = (S1 - n·min) / r           v = (S2 - 2·min·S1 + n·min²) / r²
     W = (P - min ⊗ Hsum) / r       q = ||W_k||²
-    num = (q - v) / 2              den = (u² - v) / 2           MS = num / den
+    num = (q - vh) / 2             den = (u² - v) / 2           MS = num / den
+
+where `vh = Σ ||h_n||² ã_n²` is `v` less the all-zero rows' share (`zero_rows_removed`).
 
 "Denominator is zero" is decided with one rule shared by every path here
 (linear, accumulator, sparse, pairwise reference, MonoLoss):
@@ -57,6 +60,7 @@ from monoray.metrics._checks import (
     raise_nonfinite,
     to_triplets,
     unit_rows,
+    zero_row_weights,
 )
 
 __all__ = [
@@ -123,14 +127,15 @@ class MonoScoreAccumulator:
     """Exact single-pass MonoScore over batches, mergeable across shards and processes.
 
     State (float64 unless noted, on `device`): `n` (int64 scalar), `s1`, `s2`,
-    `min`, `max` ([M]), `p` ([M, d], `Σ_n a_n ⊗ h_n`), `h_sum` ([d]). `update`
+    `min`, `max` ([M]), `p` ([M, d], `Σ_n a_n ⊗ h_n`), `h_sum` ([d]), and `zero_n`,
+    `zero_s1`, `zero_s2`: count, `Σ a`, `Σ a²` over rows with all-zero embeddings. `update`
     adds a batch (dense, or torch sparse COO/CSR in O(nnz·d)); `merge` adds
     another accumulator; `all_reduce` / `reduce` do the same across
     torch.distributed ranks; `compute` returns the exact dataset MonoScore,
     equal to `monoscore_pairwise` over the concatenation of all batches.
     """
 
-    _KEYS = ("n", "s1", "s2", "p", "h_sum", "min", "max")
+    _KEYS = ("n", "s1", "s2", "p", "h_sum", "min", "max", "zero_n", "zero_s1", "zero_s2")
 
     def __init__(
         self,
@@ -160,6 +165,10 @@ class MonoScoreAccumulator:
         self.h_sum = torch.zeros(d, dtype=_F64, device=dev)
         self.min = torch.full((m,), math.inf, dtype=_F64, device=dev)
         self.max = torch.full((m,), -math.inf, dtype=_F64, device=dev)
+        # n, S1, S2 over the rows with all-zero embeddings (h = 0), see `zero_row_weights`.
+        self.zero_n = torch.zeros((), dtype=_F64, device=dev)
+        self.zero_s1 = torch.zeros(m, dtype=_F64, device=dev)
+        self.zero_s2 = torch.zeros(m, dtype=_F64, device=dev)
 
     @property
     def n_samples(self) -> int:
@@ -187,7 +196,24 @@ class MonoScoreAccumulator:
                 self._update_sparse(e, inv, to_triplets(a, allow_duplicates=True))
             else:
                 self._update_dense(e, inv, a)
+            zero = zero_row_weights(inv)
+            if bool(zero.any()):  # rare: flat patches, padding
+                self._add_zero_rows(zero, a)
         return self
+
+    def _add_zero_rows(self, zero: Tensor, a: Tensor) -> None:
+        rows = torch.nonzero(zero).squeeze(1)
+        if is_sparse(a):
+            t = to_triplets(a).coalesced()
+            pick = zero[t.row] > 0
+            v = t.val[pick].to(_F64)
+            self.zero_s1 += col_sum(t.col[pick], v, self.n_latents)
+            self.zero_s2 += col_sum(t.col[pick], v * v, self.n_latents)
+        else:
+            blk = a.index_select(0, rows).to(_F64)
+            self.zero_s1 += blk.sum(0)
+            self.zero_s2 += (blk * blk).sum(0)
+        self.zero_n += float(rows.numel())
 
     def _commit(
         self, n: int, s1: Tensor, s2: Tensor, mn: Tensor, mx: Tensor, h_sum: Tensor
@@ -286,6 +312,9 @@ class MonoScoreAccumulator:
         self.s2 += other.s2.to(dev)
         self.p += other.p.to(dev)
         self.h_sum += other.h_sum.to(dev)
+        self.zero_n += other.zero_n.to(dev)
+        self.zero_s1 += other.zero_s1.to(dev)
+        self.zero_s2 += other.zero_s2.to(dev)
         torch.minimum(self.min, other.min.to(dev), out=self.min)
         torch.maximum(self.max, other.max.to(dev), out=self.max)
         return self
@@ -298,7 +327,7 @@ class MonoScoreAccumulator:
         """
         import torch.distributed as dist
 
-        for t in (self.n, self.s1, self.s2, self.p, self.h_sum):
+        for t in (self.n, self.s1, self.s2, self.p, self.h_sum, *self._zero_stats()):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(self.min, op=dist.ReduceOp.MIN, group=group)
         dist.all_reduce(self.max, op=dist.ReduceOp.MAX, group=group)
@@ -308,11 +337,14 @@ class MonoScoreAccumulator:
         """Like `all_reduce` but only rank `dst` receives the total (other ranks' state is then unspecified)."""
         import torch.distributed as dist
 
-        for t in (self.n, self.s1, self.s2, self.p, self.h_sum):
+        for t in (self.n, self.s1, self.s2, self.p, self.h_sum, *self._zero_stats()):
             dist.reduce(t, dst, op=dist.ReduceOp.SUM, group=group)
         dist.reduce(self.min, dst, op=dist.ReduceOp.MIN, group=group)
         dist.reduce(self.max, dst, op=dist.ReduceOp.MAX, group=group)
         return self
+
+    def _zero_stats(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.zero_n, self.zero_s1, self.zero_s2
 
     # ------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Tensor]:
@@ -356,7 +388,7 @@ class MonoScoreAccumulator:
             torch.linalg.vector_norm(w, dim=1, out=q[k : k + step])
         q.square_()
         q /= rs * rs
-        num = 0.5 * (q - v)
+        num = 0.5 * (q - zero_rows_removed(v, self.zero_s1, self.zero_s2, self.zero_n, mn, rs))
         den = 0.5 * (u * u - v)
         scores, active = finish_scores(num, den, u, mn, rs, spread, n)
         return MonoScoreResult(scores, active, num, den)
@@ -364,6 +396,14 @@ class MonoScoreAccumulator:
     def compute(self) -> Tensor:
         """Exact MonoScore per latent ([n_latents], float64; 0 where undefined)."""
         return self.result().scores
+
+
+def zero_rows_removed(
+    v: Tensor, zs1: Tensor, zs2: Tensor, zn: Tensor | float, mn: Tensor, rs: Tensor
+) -> Tensor:
+    """`Σ_n ||h_n||² ã_n²`: `v = Σ ã²` less the share of the all-zero rows (raw sums
+    `zs1`, `zs2` over `zn` rows); `v` itself, bit for bit, when there are none."""
+    return v - (zs2 - mn * (2.0 * zs1 - zn * mn)) / (rs * rs)
 
 
 # --------------------------------------------------------------- sparse helpers

@@ -79,15 +79,13 @@ def diverged_line(command: str, err: DivergedError) -> str:
 
 
 def json_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Metrics as JSON values: NaN/inf become null."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in metrics.items()
-    }
+    """Metrics as JSON values; a metric without meaning on this data (NaN/inf, e.g. the
+    purity of an unlabelled split) is left out rather than written as null."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> Path:
-    """Write `out_dir/metrics.json` atomically (sorted keys, NaN/inf as null); returns its path.
+    """Write `out_dir/metrics.json` atomically (sorted keys, non-finite metrics left out); returns its path.
 
     Every executor writes the final metrics of a run through this, with the
     same dict: the last entry of the checkpoint history (`train_sae` /

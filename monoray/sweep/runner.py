@@ -85,7 +85,7 @@ def dry_run_space(space: SweepSpace) -> SweepSpace:
 
 
 def load_splits(data: Data) -> FeatureSplits:
-    splits = load_features(data.features, val_source=data.val_features)
+    splits = load_features(data.features, val_source=data.val_features, zero_rows=data.zero_rows)
     return splits if data.subset is None else splits.head(data.subset)
 
 

@@ -128,6 +128,8 @@ class Data:
     """Use only the first N training samples (dry runs, smoke tests)."""
     embeddings: str | None = None
     """finetune: the CLIP embedding store(s) of `features` (the images), from `monoray extract`."""
+    zero_rows: str = "keep"
+    """sae: all-zero feature rows are kept (similarity 0), dropped or refused (`ZERO_ROWS`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +370,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         raise r.fail("name", "letters, digits, '.', '_' or '-'", name)
 
     data_raw = r.mapping(
-        doc.get("data"), "data", {"features", "val_features", "subset", "embeddings"}
+        doc.get("data"), "data", {"features", "val_features", "subset", "embeddings", "zero_rows"}
     )
     features = data_raw.get("features", "digits")
     if not isinstance(features, str) or not features:
@@ -386,6 +388,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         else None,
         subset=subset,
         embeddings=_embeddings(r, kind, data_raw.get("embeddings"), from_command_line),
+        zero_rows=_zero_rows(r, kind, data_raw.get("zero_rows", "keep")),
     )
 
     fixed = r.mapping(doc.get("fixed"), "fixed", None)
@@ -539,6 +542,15 @@ def project_roots(file: Path) -> tuple[Path, ...]:
 
 def _is_project(directory: Path) -> bool:
     return any((directory / marker).exists() for marker in PROJECT_MARKERS)
+
+
+def _zero_rows(r: _Reader, kind: str, value: Any) -> str:
+    """`data.zero_rows`: SAE features only (finetune embeddings keep zero rows at similarity 0)."""
+    from monoray.data import ZERO_ROWS
+
+    if kind != "sae" and value != "keep":
+        raise r.fail("data.zero_rows", "no zero_rows for a kind: finetune space", value)
+    return r.choice(value, "data.zero_rows", ZERO_ROWS)
 
 
 def _data_path(r: _Reader, key: str, value: str, from_command_line: set[str]) -> str:

@@ -20,6 +20,7 @@ from ray import tune
 
 from monoray.data import FeatureSplits
 from monoray.errors import InputError
+from monoray.runs.outcome import INPUT_ERROR_KEY
 from monoray.sweep.restore import restore_checkpoint
 from monoray.sweep.search import TRIAL_KEY
 
@@ -73,6 +74,8 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
         # A finished result without objectives: the searcher tells Optuna FAIL and the
         # tracker marks the MLflow run FAILED; Tune does not retry a diverged trial.
         tune.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+    except InputError as err:  # bad input: FAILED with the reason, a retry would fail the same
+        tune.report({INPUT_ERROR_KEY: str(err)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

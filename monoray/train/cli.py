@@ -9,11 +9,15 @@ Every key of the flat training config is a flag (`--mono-coef`, `--k`, `--lr`,
 from __future__ import annotations
 
 import argparse
+import math
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monoray.errors import InputError
+
+if TYPE_CHECKING:
+    from monoray.data import FeatureSplits
 
 HELP = {
     "arch": "SAE architecture",
@@ -138,6 +142,15 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="val share when splitting (default 0.2)"
     )
+    from monoray.data.types import ZERO_ROWS
+
+    parser.add_argument(
+        "--zero-rows",
+        default=None,
+        choices=ZERO_ROWS,
+        help="all-zero feature rows: keep (similarity 0 with every sample, the paper's code), "
+        "drop, or error (default: keep)",
+    )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in DIR"
@@ -173,6 +186,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def load_report(name: str, splits: FeatureSplits) -> str:
+    """One line: what was loaded (sizes, width, all-zero rows)."""
+    zero = splits.zero_rows.describe() if splits.zero_rows is not None else ""
+    return (
+        f"{name}: {len(splits.train)} train / {len(splits.val)} val samples, "
+        f"d {splits.train.dim}; {zero}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from monoray.data import load_features
     from monoray.runs.outcome import METRICS_FILE
@@ -186,21 +208,24 @@ def run(args: argparse.Namespace) -> int:
         "val_features": None,
         "seed": 0,
         "val_fraction": 0.2,
+        "zero_rows": "keep",
     }
     if args.resume:
         ckpt = load_checkpoint(args.out / CHECKPOINTS, with_optimizer=False)
         if ckpt is not None:
             flat = dict(ckpt.config)
-            data = dict(ckpt.data or data)
+            data = {**data, **(ckpt.data or {})}
     if args.config is not None:
         flat.update(read_config_file(args.config))
     given = {k: getattr(args, k, None) for k in TrainConfig.allowed_keys()}
     flat.update({k: v for k, v in given.items() if v is not None})
     if args.features is not None:
-        data = {"features": args.features, "val_features": args.val_features}
+        data |= {"features": args.features, "val_features": args.val_features}
         data |= {"seed": args.split_seed, "val_fraction": args.val_fraction}
     elif args.val_features is not None:
         raise InputError("--val-features needs --features")
+    if args.zero_rows is not None:
+        data["zero_rows"] = args.zero_rows
 
     if "arch" not in flat:
         from monoray.sae import ARCH_NAMES
@@ -212,7 +237,9 @@ def run(args: argparse.Namespace) -> int:
         seed=data["seed"],
         val_fraction=data["val_fraction"],
         d_in=flat.get("d_in"),
+        zero_rows=data["zero_rows"],
     )
+    print(load_report(data["features"], splits))
     flat.setdefault("d_in", splits.train.dim)
     if getattr(args, "expansion", None) is not None and args.d_sae is None:
         flat.pop("d_sae")  # --expansion on the command line beats the base config's d_sae
@@ -229,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(map(len, keys))
     print(f"{cfg.sae.arch} d_sae={cfg.sae.d_sae} epochs={cfg.epochs} -> {args.out}")
     for k in keys:
-        if k in metrics:
+        if math.isfinite(metrics.get(k, math.nan)):  # purity without labels means nothing
             print(f"  {k:<{width}}  {metrics[k]:.4f}")
     print(f"wrote {args.out / METRICS_FILE}, {args.out / PROFILE_FILE}, {args.out / CHECKPOINTS}/")
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
 from monoray.sae import SAEConfig, config_from_dict, config_to_dict
+from monoray.train.schedule import check_schedule
 
 NORMALIZE = ("unit", "none")
 """Input normalisations: "unit" scales each sample to unit L2 norm (the paper's setting)."""
@@ -34,7 +35,19 @@ class TrainConfig:
     sae: SAEConfig
     """Architecture and loss: arch, d_in, d_sae, k, mono_coef, ... (see `monoray.sae`)."""
     lr: float = 1e-4
-    """Adam learning rate (constant, no schedule)."""
+    """Adam learning rate (peak value when a schedule is on; see `monoray.train.schedule`)."""
+    lr_scheduler_name: str = "constant"
+    """LR decay: constant (the paper's), linear or cosine down to lr_end_factor · lr."""
+    lr_warm_up_steps: int = 0
+    """Steps of linear lr warm-up from lr/N to lr (0: none)."""
+    lr_decay_steps: int = 0
+    """Decay over the run's last N steps (0: every step after the warm-up)."""
+    lr_end_factor: float = 0.1
+    """Final lr as a fraction of lr, for linear and cosine decay."""
+    mono_warm_up_steps: int = 0
+    """Steps of linear warm-up of λ (mono_coef) from λ/N to λ (0: none)."""
+    l1_warm_up_steps: int = 0
+    """Steps of linear warm-up of the sparsity coefficient (L1 / JumpReLU L0) (0: none)."""
     adam_eps: float = 6.25e-10
     """Adam epsilon."""
     grad_clip: float = 1.0
@@ -123,6 +136,7 @@ class TrainConfig:
             raise InputError(
                 f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
             )
+        check_schedule(self)
         dev = self.device
         if not (
             dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())

@@ -29,6 +29,7 @@ from monoray.metrics import (
     ReconstructionAccumulator,
     monoscore_summary,
 )
+from monoray.metrics._checks import raise_nonfinite
 from monoray.sae import SparseAutoencoder, SparseLatents
 
 VAL_KEYS = (
@@ -43,6 +44,10 @@ VAL_KEYS = (
     "purity_weighted",
 )
 """Validation metrics every epoch reports (purity is NaN when the split has no labels)."""
+
+
+class NonFiniteOutputError(ArithmeticError):
+    """The SAE's latents or reconstruction hold NaN/inf: the model diverged, not the data."""
 
 
 def as_tensor(array: np.ndarray, dtype: Any = None) -> Tensor:
@@ -120,7 +125,9 @@ def evaluate(
 
     `device` defaults to the SAE's; `collect` names latents whose activations
     on every sample are returned in `EvalResult.collected` (for `inspect`).
-    The SAE is only read: `encode` and `decode`, no mode switch.
+    The SAE is only read: `encode` and `decode`, no mode switch. Raises
+    `NonFiniteOutputError` when the SAE's output is not finite (a divergence)
+    and `InputError` for bad inputs.
     """
     device = torch.device(device) if device is not None else next(sae.parameters()).device
     n, d = split.features.shape
@@ -143,9 +150,15 @@ def evaluate(
         stop = min(start + batch_size, n)
         x_raw = as_tensor(split.features[start:stop], np.float32)
         x_raw = x_raw.to(device)
+        if not bool(torch.isfinite(x_raw).all()):  # bad data, not a divergence
+            raise_nonfinite(x_raw, "val features", row_offset=start)
         x = normalize_inputs(x_raw, normalize)
         lat = _as_sparse(sae.encode(x))
         recon = sae.decode(lat)
+        if not bool(torch.isfinite(lat.values).all() & torch.isfinite(recon).all()):
+            raise NonFiniteOutputError(
+                f"the SAE's output holds NaN/inf on val rows {start}-{stop - 1}"
+            )
         csr = lat.to_csr()
         recon_acc.update(x, recon, csr)
         mono.update(x_raw, csr)

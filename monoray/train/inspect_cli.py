@@ -173,9 +173,10 @@ def run(args: argparse.Namespace) -> int:
         )
     _print_table(panels)
     m = result.metrics
+    purity = f"purity_binary {m['purity_binary']:.4f}  " if val.labels is not None else ""
     print(
         f"val: r2 {m['r2']:.4f}  monoscore_mean {m['monoscore_mean']:.4f}  "
-        f"purity_binary {m['purity_binary']:.4f}  ({len(val)} samples, epoch {ckpt.epoch})"
+        f"{purity}({len(val)} samples, epoch {ckpt.epoch})"
     )
     if val.images is not None:
         out = args.out or (args.dir / "inspect.png")

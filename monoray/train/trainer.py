@@ -20,14 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from monoray.data import FeatureSplits
+from monoray.data import DataSource, FeatureSplits
 from monoray.data.validate import check_dim
+from monoray.data.zero_rows import count_zero_rows
 from monoray.errors import InputError
 from monoray.runs.outcome import DivergedError, write_metrics
 from monoray.sae import build_sae
 from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
 from monoray.train.config import TrainConfig
-from monoray.train.evaluate import EvalResult, as_tensor, evaluate, normalize_inputs
+from monoray.train.evaluate import (
+    EvalResult,
+    NonFiniteOutputError,
+    as_tensor,
+    evaluate,
+    normalize_inputs,
+)
+from monoray.train.schedule import Schedule, length_dependent
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +128,20 @@ def _progress_bar(total: int, done: int, enabled: bool | None) -> _Progress | No
 
 def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
-    for key in sorted(set(now) | set(ckpt.config)):
-        if key in RESUME_MAY_DIFFER:
+    then = TrainConfig.from_dict(ckpt.config).to_dict()  # keys added since: their defaults
+    may_differ = set(RESUME_MAY_DIFFER) - ({"epochs"} if length_dependent(cfg) else set())
+    for key in sorted(set(now) | set(then)):
+        if key in may_differ:
             continue
-        if now.get(key) != ckpt.config.get(key):
+        if now.get(key) != then.get(key):
             raise InputError(
-                f"{ckpt.path}/: cannot resume: the checkpoint has {key}={ckpt.config.get(key)!r}, "
+                f"{ckpt.path}/: cannot resume: the checkpoint has {key}={then.get(key)!r}, "
                 f"this run {key}={now.get(key)!r}"
             )
 
 
 def write_outputs(out_dir: Path, metrics: dict[str, float], result: EvalResult | None) -> None:
-    """Write `metrics.json` (NaN/inf as null) and, given a result, the MonoScore profile PNG."""
+    """Write `metrics.json` (finite metrics only) and, given a result, the MonoScore profile PNG."""
     write_metrics(out_dir, metrics)
     if result is not None:
         from monoray.plots import plot_monoscore_profile
@@ -176,7 +186,7 @@ def train_sae(
 
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae).to(device)
-    # One fused kernel for all parameters: 416 -> 350 ms per paper-size step on CPU.
+    # One fused kernel for all parameters (paper-size CPU step: monoray/sae/PERFORMANCE.md).
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
     start, step, history = 0, 0, []
@@ -191,9 +201,11 @@ def train_sae(
         if ckpt is None:
             log.info("no checkpoint in %s; starting from scratch", out_dir)
     data_record = splits.source.to_dict() if splits.source is not None else None
+    zero_rows = splits.zero_rows or count_zero_rows(splits.train, splits.val)
     if ckpt is not None:
         _check_resume(ckpt, cfg)
-        if ckpt.data is not None and data_record is not None and ckpt.data != data_record:
+        ckpt_data = None if ckpt.data is None else DataSource.from_dict(ckpt.data).to_dict()
+        if ckpt_data is not None and data_record is not None and ckpt_data != data_record:
             raise InputError(
                 f"{ckpt.path}/: cannot resume: the checkpoint was trained on "
                 f"{ckpt.data['features']}, this run uses {data_record['features']} "
@@ -208,6 +220,7 @@ def train_sae(
     batches = _Batches(splits.train.features, device)
     n, bs = batches.n, cfg.batch_size
     steps_per_epoch = math.ceil(n / bs)
+    schedule = Schedule.of(cfg, steps_per_epoch)
     bar = _progress_bar(cfg.epochs * steps_per_epoch, start * steps_per_epoch, progress)
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -221,18 +234,24 @@ def train_sae(
                 x_raw = batches.get(perm[b * bs : (b + 1) * bs])
                 x = normalize_inputs(x_raw, cfg.normalize)
                 out = sae.forward_train(x, x_raw)
-                loss = out.loss.loss
+                terms = (
+                    schedule.scale_loss(out.loss, step) if schedule.coefs_scheduled else out.loss
+                )
+                loss = terms.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 sae.before_optimizer_step()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+                if schedule.lr_scheduled:
+                    for group in optimizer.param_groups:
+                        group["lr"] = schedule.lr_at(step)
                 optimizer.step()
                 sae.after_optimizer_step(optimizer)
                 step += 1
                 bad = ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                for key, value in out.loss.metrics().items():
+                for key, value in terms.metrics().items():
                     v = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64)
                     sums[key] = sums[key] + v if key in sums else v
                 if bar is not None:
@@ -258,11 +277,14 @@ def train_sae(
                     device=device,
                     normalize=cfg.normalize,
                 )
-            except InputError as err:  # the data was validated on load: the model's output is bad
+            except NonFiniteOutputError as err:
                 raise DivergedError(
-                    f"evaluation after epoch {epoch} (step {step}) failed: {err}"
+                    f"evaluation after epoch {epoch} (step {step}): {err}"
                 ) from None
-            metrics = {**train, **last_eval.metrics, "epoch": float(epoch), "step": float(step)}
+            except InputError as err:  # never a divergence
+                raise InputError(f"{where}: evaluation after epoch {epoch}: {err}") from None
+            metrics = {**train, **last_eval.metrics, **zero_rows.metrics()}
+            metrics |= {"epoch": float(epoch), "step": float(step)}
             history.append(metrics)
             ckpt_dir = save_checkpoint(
                 out_dir / CHECKPOINTS,
