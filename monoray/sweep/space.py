@@ -450,8 +450,6 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         baseline = Baseline(enabled=enabled, params=dict(params))
     if baseline.enabled and "mono_coef" in fixed:
         raise r.fail("baseline", "false when mono_coef is fixed (the baseline sets mono_coef = 0)")
-    if baseline.enabled and sampler.type != "grid":  # a grid's baselines are its λ = 0 points
-        _check_baseline_pins(r, search, baseline.params)
     if sampler.type == "grid":
         _check_grid(r, search, budget)
 
@@ -472,6 +470,8 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         description=str(description),
     )
     _check_trial_keys(space)
+    if baseline.enabled and sampler.type != "grid":  # a grid's baselines are its λ = 0 points
+        _check_baseline_pins(r, search, baseline.params)
     return space
 
 
