@@ -92,6 +92,28 @@ def test_every_shipped_baseline_pins_every_searched_key(path: Path) -> None:
         assert space.baseline.params == {"k": 64}  # the paper's comparison
 
 
+NOMINAL = {
+    "topk": {"k": 64},
+    "batchtopk": {"k": 64},
+    "matryoshka": {"k": 64},
+    "jumprelu": {"jumprelu_sparsity_coef": 1e-3},
+    "vanilla": {"l1_coef": 1e-4},
+}
+"""The paper's App. B values of the keys the paper-scale spaces search besides λ."""
+PAPER_SPACES = [p for p in SPACES if p.stem.split("_")[0] in NOMINAL]
+
+
+@pytest.mark.parametrize("path", PAPER_SPACES, ids=[p.stem for p in PAPER_SPACES])
+def test_shipped_baseline_trial_is_the_papers_nominal_point(tmp_path: Path, path: Path) -> None:
+    space = load_space(path)
+    storage = storage_for(f"sqlite:///{tmp_path / 'optuna.db'}")
+    open_study(space, "paper", storage)
+    study = optuna.load_study(study_name="paper", storage=storage, sampler=build_sampler(space))
+    trial = study.ask()
+    assert DefineByRun(space.search)(trial) == {"mono_coef": 0.0}
+    assert trial.params == NOMINAL[path.stem.split("_")[0]]
+
+
 def test_baseline_trial_runs_at_the_nominal_values(tmp_path: Path) -> None:
     nominal = {"arch": "topk", "k": 11, "aux_coef": 0.05}
     space = load_space(write_space(tmp_path, {"params": nominal}))
