@@ -391,7 +391,13 @@ def _sweep_cases(work: Path, data: dict[str, Path]) -> dict[str, tuple[list[str]
             "mono_coef must be >= 0.0",
         ),
         "k > d_sae at the top of a range": (
-            [space("p", search__k={"type": "int", "low": 4, "high": 300})],
+            [
+                space(
+                    "p",
+                    search__k={"type": "int", "low": 4, "high": 300},
+                    baseline={"params": {"k": 8}},
+                )
+            ],
             "k 300 is larger than d_sae 64",
         ),
         "zero samples": ([space("q", budget__num_samples=0)], "budget.num_samples"),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoray import metrics
-from monoray.sae.config import SAEConfig
+from monoray.sae.config import ReconLoss, SAEConfig
 from monoray.sae.sparse import (
     Pattern,
     SparseLatents,
@@ -46,13 +46,14 @@ class SAELoss:
     """Loss terms of one training batch; `loss` is the total that is back-propagated."""
 
     mse: Tensor
-    """Mean over batch and input dims of (x - x̂)²; matryoshka: the sum over its prefixes."""
+    """Reconstruction loss (`SAEConfig.recon_loss`: plain or per-sample normalised MSE);
+    matryoshka: the sum over its prefixes."""
     sparsity: Tensor
     """Raw sparsity term: vanilla L1 (mean over batch of Σ latents), jumprelu L0
     (mean over batch of the number firing, straight-through), 0 for the TopK family."""
     aux: Tensor
-    """AuxK: mean over batch and dims of (residual - decode of the top dead latents)²; 0 if
-    no latent is dead."""
+    """AuxK: reconstruction loss (same `recon_loss`) of the residual by the top dead latents;
+    0 if no latent is dead."""
     mono: Tensor | None
     """MonoLoss 1 - mean batch MonoScore over active latents; None when mono_coef is 0."""
     l0: Tensor
@@ -205,6 +206,10 @@ class SparseAutoencoder(nn.Module):
             precision=precision,
         )
 
+    def _recon_loss(self, recon: Tensor, target: Tensor) -> Tensor:
+        assert self.cfg.recon_loss is not None  # resolved per arch by SAEConfig
+        return recon_loss(recon, target, self.cfg.recon_loss)
+
     def _loss(self, **terms: Any) -> SAELoss:
         zero = terms["mse"].new_zeros(())
         terms.setdefault("sparsity", zero)
@@ -212,9 +217,13 @@ class SparseAutoencoder(nn.Module):
         return SAELoss(mono_coef=self.cfg.mono_coef, aux_coef=self.cfg.aux_coef, **terms)
 
 
-def mse(recon: Tensor, x: Tensor) -> Tensor:
-    """Mean over batch and dims of the squared error."""
-    return (recon - x).pow(2).mean()
+def recon_loss(recon: Tensor, target: Tensor, kind: ReconLoss) -> Tensor:
+    """`SAEConfig.recon_loss` of a batch: "mse" or "normalized_mse" (see there)."""
+    if kind == "mse":
+        return (recon - target).pow(2).mean()
+    energy = target.pow(2).mean(dim=1)
+    per_sample = (recon - target).pow(2).mean(dim=1)
+    return (per_sample / torch.where(energy > 0, energy, 1.0)).mean()
 
 
 def mean_l0(latents: SparseLatents) -> Tensor:

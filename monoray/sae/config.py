@@ -22,6 +22,12 @@ ARCH_NAMES: tuple[str, ...] = typing.get_args(Arch)
 TOPK_FAMILY: tuple[str, ...] = ("topk", "batchtopk", "matryoshka")
 """Architectures with a fixed L0 budget `k` (and AuxK on dead latents)."""
 
+ReconLoss = Literal["mse", "normalized_mse"]
+RECON_LOSSES: tuple[str, ...] = typing.get_args(ReconLoss)
+REFERENCE_RECON_LOSS: dict[str, ReconLoss] = {"topk": "normalized_mse"}
+"""The paper's reference code: TopK trains on the per-sample normalised MSE, every other
+architecture on plain MSE (hence its TopK λ is ~d times its BatchTopK λ)."""
+
 Impl = Literal["auto", "sparse", "dense"]
 IMPLS: tuple[str, ...] = typing.get_args(Impl)
 
@@ -72,6 +78,11 @@ class SAEConfig:
     matryoshka_prefixes: tuple[int, ...] | None = None
     """matryoshka: increasing prefix sizes ending at d_sae; None means
     (d_sae // 16, d_sae // 4, d_sae). The loss sums the reconstruction error of every prefix."""
+    recon_loss: ReconLoss | None = None
+    """Reconstruction and AuxK loss: "mse" = mean over batch and dims of (x̂ - x)²;
+    "normalized_mse" = mean over the batch of mean_d (x̂ - x)² / mean_d x² (a sample with
+    x = 0 counts its plain error). None: the reference's choice, normalized_mse for topk and
+    mse for the others."""
     impl: Impl = "auto"
     """"sparse" (work only where latents fire), "dense" (plain autograd reference) or "auto":
     on CPU the TopK family runs sparse and jumprelu/vanilla pick sparse per batch when at most
@@ -89,6 +100,12 @@ class SAEConfig:
             raise InputError(
                 f"mono_precision must be one of {', '.join(PRECISIONS)}, "
                 f"got {self.mono_precision!r}"
+            )
+        if self.recon_loss is None:
+            object.__setattr__(self, "recon_loss", REFERENCE_RECON_LOSS.get(self.arch, "mse"))
+        if self.recon_loss not in RECON_LOSSES:
+            raise InputError(
+                f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got {self.recon_loss!r}"
             )
         if self.impl not in IMPLS:
             raise InputError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from monoray.sae.base import SPARSE_MAX_DENSITY, SAEOutput, SparseAutoencoder, mean_l0, mse
+from monoray.sae.base import SPARSE_MAX_DENSITY, SAEOutput, SparseAutoencoder, mean_l0
 from monoray.sae.sparse import Pattern, SparseLatents
 
 
@@ -53,7 +53,7 @@ class ElementwiseSAE(SparseAutoencoder):
         path: str,
     ) -> SAEOutput:
         loss = self._loss(
-            mse=mse(recon, x),
+            mse=self._recon_loss(recon, x),
             sparsity=sparsity / x.shape[0],
             sparsity_coef=self.sparsity_coef,
             mono=mono,

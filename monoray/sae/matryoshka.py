@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from monoray.sae.base import mse
 from monoray.sae.batchtopk import BatchTopKSAE
 from monoray.sae.sparse import Pattern, decode_at
 
@@ -32,7 +31,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             entries = (group == g).nonzero().squeeze(1)
             part = decode_at(acts[entries], self.W_dec, pattern.select(entries))
             partial = part if partial is None else partial + part
-            errors.append(mse(partial + self.b_dec, x))
+            errors.append(self._recon_loss(partial + self.b_dec, x))
         assert partial is not None
         return partial + self.b_dec, self._terms(errors)
 
@@ -43,7 +42,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         for size in self.cfg.prefixes:
             part = dense[:, lo:size] @ self.W_dec[lo:size]
             partial = part if partial is None else partial + part
-            errors.append(mse(partial + self.b_dec, x))
+            errors.append(self._recon_loss(partial + self.b_dec, x))
             lo = size
         assert partial is not None
         return partial + self.b_dec, self._terms(errors)

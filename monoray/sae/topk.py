@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from monoray.sae.base import SAEOutput, SparseAutoencoder, mean_l0, mse
+from monoray.sae.base import SAEOutput, SparseAutoencoder, mean_l0
 from monoray.sae.config import SAEConfig
 from monoray.sae.sparse import Pattern, SparseLatents, decode_at, topk_rows
 
@@ -70,11 +70,11 @@ class TopKFamily(SparseAutoencoder):
         self, x: Tensor, acts: Tensor, pattern: Pattern
     ) -> tuple[Tensor, dict[str, object]]:
         recon = decode_at(acts, self.W_dec, pattern) + self.b_dec
-        return recon, {"mse": mse(recon, x)}
+        return recon, {"mse": self._recon_loss(recon, x)}
 
     def _recon_dense(self, x: Tensor, dense: Tensor) -> tuple[Tensor, dict[str, object]]:
         recon = dense @ self.W_dec + self.b_dec
-        return recon, {"mse": mse(recon, x)}
+        return recon, {"mse": self._recon_loss(recon, x)}
 
     # ---- dead latents --------------------------------------------------------------
     def _n_aux(self, dead: Tensor) -> int:
@@ -90,7 +90,7 @@ class TopKFamily(SparseAutoencoder):
         values, j = topk_rows(pre[:, dead_idx], n_aux)
         pattern = Pattern.fixed_k(dead_idx[j], self.cfg.d_sae)
         acts = F.relu(self._encode_at(x, pattern, values.reshape(-1)))
-        return mse(decode_at(acts, self.W_dec, pattern), (x - recon).detach())
+        return self._recon_loss(decode_at(acts, self.W_dec, pattern), (x - recon).detach())
 
     def _aux_dense(self, x: Tensor, pre: Tensor, recon: Tensor, dead: Tensor) -> Tensor | None:
         n_aux = self._n_aux(dead)
@@ -98,7 +98,7 @@ class TopKFamily(SparseAutoencoder):
             return None
         values, idx = pre.masked_fill(~dead, float("-inf")).topk(n_aux, dim=1)
         acts = torch.zeros_like(pre).scatter(1, idx, F.relu(values))
-        return mse(acts @ self.W_dec, (x - recon).detach())
+        return self._recon_loss(acts @ self.W_dec, (x - recon).detach())
 
     @torch.no_grad()
     def _count_fired(self, latents: SparseLatents) -> None:

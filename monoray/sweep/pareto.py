@@ -2,7 +2,9 @@
 
 Optuna decides which trials are non-dominated (`Study.best_trials`, feasible
 ones only when the space has constraints); MLflow holds what a reviewer looks
-at: `pareto/pareto.csv`, the front as plotly HTML and PNG, the MonoScore
+at: `pareto/pareto.csv` (the front, plus the λ = 0 baseline when it is not on
+it, each front trial's gain over its baseline as `delta_<objective>`), the
+front as plotly HTML and PNG (the baseline marked), the MonoScore
 profiles of the front, a `monoray.pareto` tag on each front trial, and each
 front SAE registered in the Model Registry as a version of `monoray-<sweep>`.
 """
@@ -66,13 +68,38 @@ def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
+def baselines(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed λ = 0 baseline trials, in trial order."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in done if t.user_attrs.get(BASELINE_ATTR)]
+
+
+def matched_baseline(
+    t: optuna.trial.FrozenTrial, bases: list[optuna.trial.FrozenTrial]
+) -> optuna.trial.FrozenTrial | None:
+    """The baseline with the trial's other parameters (a grid has one per point), else the first."""
+    others = {k: v for k, v in t.params.items() if k != "mono_coef"}
+    twins = [b for b in bases if {k: v for k, v in b.params.items() if k != "mono_coef"} == others]
+    return (twins or bases or [None])[0]
+
+
 def pareto_rows(
-    trials: list[optuna.trial.FrozenTrial], metrics: list[str], client: MlflowClient, runs: dict
+    trials: list[optuna.trial.FrozenTrial],
+    metrics: list[str],
+    client: MlflowClient,
+    runs: dict,
+    bases: list[optuna.trial.FrozenTrial],
 ) -> list[dict[str, Any]]:
+    """One row per front trial, then each baseline that is not on the front (`front` false)."""
+    numbers = {t.number for t in trials}
     rows = []
-    for t in trials:
-        row: dict[str, Any] = {"trial": t.number}
+    for t in [*trials, *(b for b in bases if b.number not in numbers)]:
+        row: dict[str, Any] = {"trial": t.number, "front": t.number in numbers}
         row.update({m: float(v) for m, v in zip(metrics, t.values, strict=True)})
+        base = matched_baseline(t, bases)
+        row["vs_baseline"] = "" if base is None else base.number
+        for i, m in enumerate(metrics):
+            row[f"delta_{m}"] = "" if base is None else float(t.values[i]) - float(base.values[i])
         run_id = runs.get(t.number)
         if run_id is not None:
             extra = client.get_run(run_id).data.metrics
@@ -99,7 +126,7 @@ def publish_pareto(
     metrics = list(study.metric_names or [f"objective_{i}" for i in range(len(study.directions))])
     client = records.client
     best = front(study)
-    rows = pareto_rows(best, metrics, client, records.runs)
+    rows = pareto_rows(best, metrics, client, records.runs, baselines(study))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     csv_path = out_dir / "pareto.csv"
@@ -112,6 +139,11 @@ def publish_pareto(
     html_path, png_path = out_dir / "pareto_front.html", out_dir / "pareto_front.png"
     if any(t.state == TrialState.COMPLETE for t in study.trials):
         fig = optuna.visualization.plot_pareto_front(study, target_names=metrics)
+        for b in baselines(study):
+            if len(b.values) > 1:
+                fig.add_annotation(
+                    x=b.values[0], y=b.values[1], text=f"λ = 0 baseline (trial {b.number})"
+                )
         fig.write_html(str(html_path), include_plotlyjs="cdn")
         client.log_figure(records.parent_run_id, fig, "pareto/pareto_front.html")
         mpl = pareto_png(study, metrics, best)
@@ -154,11 +186,30 @@ def pareto_png(
         label="Pareto front",
         zorder=2,
     )
-    for t in done:
-        if t.user_attrs.get(BASELINE_ATTR):
-            ax.scatter(
-                [t.values[0]], [t.values[1]], marker="*", s=200, c="k", label="λ = 0", zorder=3
-            )
+    bases = [t for t in done if t.user_attrs.get(BASELINE_ATTR)]
+    for t in bases:
+        ax.scatter(
+            [t.values[0]],
+            [t.values[1]],
+            marker="*",
+            s=200,
+            c="k",
+            label=f"λ = 0 baseline (trial {t.number})",
+            zorder=3,
+        )
+    if len(metrics) > 1:
+        for t in fb:  # each front trial's gain over its baseline
+            base = matched_baseline(t, bases)
+            if base is not None and base.number != t.number:
+                gains = [v - b for v, b in zip(t.values, base.values, strict=True)]
+                text = ", ".join(f"Δ{m} {g:+.3g}" for m, g in zip(metrics, gains, strict=True))
+                ax.annotate(
+                    text,
+                    (t.values[0], t.values[1]),
+                    fontsize=6,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
     ax.set_xlabel(metrics[0])
     ax.set_ylabel(metrics[1] if len(metrics) > 1 else "")
     ax.set_title(f"{study.study_name}: {len(done)} trials, {len(best)} on the front")

@@ -116,7 +116,8 @@ class Baseline:
     enabled: bool = True
     """Enqueue a λ = 0 trial first so the front always shows what MonoLoss buys."""
     params: dict[str, Any] = field(default_factory=dict)
-    """Values for searched parameters in the baseline trial; the rest are sampled."""
+    """The space's nominal value of every searched parameter but λ (those whose `when`
+    holds there): the baseline is the λ = 0 twin of that point, nothing of it is sampled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +473,8 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         description=str(description),
     )
     _check_trial_keys(space)
+    if baseline.enabled and sampler.type != "grid":  # a grid's baselines are its λ = 0 points
+        _check_baseline_pins(r, search, baseline.params)
     return space
 
 
@@ -499,6 +502,20 @@ def _non_negative(r: _Reader, value: Any, key: str) -> float:
     if value < 0:
         raise r.fail(key, "a number >= 0", value)
     return value
+
+
+def _check_baseline_pins(r: _Reader, search: tuple[Param, ...], params: dict[str, Any]) -> None:
+    """A baseline pins every searched value it reaches (but λ) to the space's nominal one."""
+    if "mono_coef" in params:
+        raise r.fail("baseline.params.mono_coef", "no value (the baseline's λ is 0)")
+    point = {**params, "mono_coef": 0.0}
+    for p in search:
+        active = all(point.get(other) in allowed for other, allowed in p.when)
+        if active and p.name not in point:
+            raise InputError(
+                f"{r.file}: baseline.params.{p.name}: missing; a λ = 0 baseline pins every "
+                f"searched value to the space's nominal one (baseline: {{params: {{{p.name}: ...}}}})"
+            )
 
 
 def _check_baseline_value(r: _Reader, p: Param, value: Any) -> None:
