@@ -219,12 +219,18 @@ def _stop_trial_with_known_checkpoint(exp_dir: Path, epochs: int) -> tuple[dict,
         if r is None:
             continue
         pid = r["pid"]
+        found = None
         os.kill(pid, signal.SIGSTOP)
-        newest = max(d.glob("checkpoint_*"))
-        r = last_result(d)
-        if r is not None and r["pid"] == pid and r.get("checkpoint_dir_name") == newest.name:
-            return r, newest
-        os.kill(pid, signal.SIGCONT)
+        try:  # whatever happens here, never leave the worker stopped unless it is handed on
+            newest = max(d.glob("checkpoint_*"))
+            r = last_result(d)
+            if r is not None and r["pid"] == pid and r.get("checkpoint_dir_name") == newest.name:
+                found = r, newest
+        finally:
+            if found is None:
+                os.kill(pid, signal.SIGCONT)
+        if found is not None:
+            return found
     return None
 
 

@@ -27,6 +27,7 @@ from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.progress import SweepProgress
 from monoray.sweep.search import (
+    FAIL_ATTR,
     MonorayOptunaSearch,
     fail_leftovers,
     open_study,
@@ -228,8 +229,10 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     grid = tuner.fit()
     fit_s = time.perf_counter() - fit_start
     publish_start = time.perf_counter()
-    interrupted = len(grid) < space.budget.num_samples or any(
-        r.error is None and not r.metrics for r in grid
+    # Interrupted (Ctrl-C, a stop signal) iff Tune left a trial unfinished or never created
+    # all of them; a trial restored at its last epoch ends without a new result and is done.
+    interrupted = (
+        grid.num_terminated + grid.num_errors < len(grid) or len(grid) < space.budget.num_samples
     )
     tracker.open_parent()  # the driver-side tracker (Tune ran a restored copy on resume)
     study = optuna.load_study(study_name=name, storage=storage)
@@ -243,10 +246,15 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     else:
         tracker.finish_parent("KILLED")
     if opts.dry_run:
-        errors = [r.error for r in grid if r.error is not None]
-        if errors:
-            last = str(errors[0]).strip().splitlines()[-1]
-            raise InputError(f"dry run: a trial failed: {last}")
+        # Any failure fails a dry run: an error (its last line) or a FAIL in the study (its reason).
+        reasons = [str(r.error).strip().splitlines()[-1:] for r in grid if r.error is not None]
+        reasons += [
+            [t.user_attrs.get(FAIL_ATTR, f"trial {t.number} ended {t.state.name}")]
+            for t in study.trials
+            if t.state != optuna.trial.TrialState.COMPLETE
+        ]
+        if reasons:
+            raise InputError(f"dry run: a trial failed: {(reasons[0] or ['error'])[0]}")
     return SweepResult(
         name=name,
         study_name=name,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from ray import tune
 from monoray.data import FeatureSplits
 from monoray.errors import InputError
 from monoray.sweep.restore import restore_checkpoint
-from monoray.sweep.search import TRIAL_KEY
 
 
 def config_keys(kind: str) -> set[str]:
@@ -47,7 +45,7 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     from monoray.train import DivergedError, TrainConfig, train_sae
 
     cfg = TrainConfig.from_dict({**trial_params(config), "d_in": splits.train.dim})
-    work = Path(tempfile.mkdtemp(prefix=f"monoray-trial-{config.get(TRIAL_KEY, 'x')}-"))
+    work = scratch_dir()
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
     resume_from, resumed_epoch = restore_checkpoint(work / "restored")
 
@@ -75,6 +73,20 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
         tune.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def scratch_dir() -> Path:
+    """An empty `scratch/` in the trial's own working directory on its node.
+
+    That is Tune's per-trial working dir (in Ray's session dir; not synced to storage
+    without `SyncConfig(sync_artifacts=True)`), not `get_trial_dir()`, whose contents Tune
+    copies to storage with the experiment state. A killed attempt leaves its scratch
+    there, never in the system temp dir; the trial's next attempt clears it first.
+    """
+    work = Path(tune.get_context().get_storage().trial_working_directory) / "scratch"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
 
 
 def _reportable(value: Any) -> bool:
