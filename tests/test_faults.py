@@ -504,3 +504,135 @@ def test_older_checkpoints_lists_earlier_tune_checkpoints_newest_first(tmp_path:
     (tmp_path / "result.json").write_text("")
     older = older_checkpoints(tune.Checkpoint(str(tmp_path / "checkpoint_000003")))
     assert [Path(c.path).name for c in older] == ["checkpoint_000001", "checkpoint_000000"]
+
+
+# --- the driver SIGKILLed at several points of a sweep, then `monoray sweep --resume` ---------
+
+
+def study_trials(root: Path, name: str) -> list:
+    """The study's trials as the killed driver left them ([] before the study exists)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=ProjectPaths.resolve(root).optuna_url)
+    except KeyError:
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+def driver_cmd(root: Path, name: str, budget: int, epochs: int) -> list[str]:
+    sets = [
+        "fixed.d_sae=64",
+        f"fixed.epochs={epochs}",
+        "fixed.batch_size=128",
+        f"budget.num_samples={budget}",
+        "budget.max_concurrent=2",
+    ]
+    cmd = [sys.executable, "-m", "monoray", "sweep", str(DEMO), "--name", name, "--quiet"]
+    return [*cmd, "--root", str(root), *[a for s in sets for a in ("--set", s)]]
+
+
+def kill_driver_when(cmd: list[str], log: Path, ready: Callable[[], bool], what: str) -> None:
+    """Run the sweep driver in a subprocess and SIGKILL it as soon as `ready()` holds."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"the sweep ended before {what}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gave up waiting for {what}")
+            time.sleep(0.02)  # polling a condition, not standing in for one
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+
+
+def resumed_to_the_end(root: Path, name: str, cmd: list[str], budget: int) -> None:
+    """`--resume` exits 0 with a FINISHED parent, the Pareto front published, a clean audit."""
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Pareto front" in done.stdout
+    assert (ProjectPaths.resolve(root).sweep_dir(name) / "pareto.csv").is_file()
+    audited(root, name, budget)  # the parent run FINISHED, every trial's records consistent
+    records = SweepRecords.load(ProjectPaths.resolve(root).tracking_uri, name)
+    client = records.client
+    assert client.get_run(records.parent_run_id).info.status == "FINISHED"
+    assert {"pareto/pareto.csv"} <= {
+        a.path for a in client.list_artifacts(records.parent_run_id, "pareto")
+    }
+    cli = subprocess.run(
+        [sys.executable, "-m", "monoray", "audit", name, "--root", str(root)],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def running_with_epochs(root: Path, name: str, epochs: int) -> list[dict[str, Any]]:
+    """Last results of the study's RUNNING trials that have recorded an epoch and train on."""
+    from optuna.trial import TrialState
+
+    running = {
+        t.user_attrs.get("ray_trial_id")
+        for t in study_trials(root, name)
+        if t.state == TrialState.RUNNING
+    }
+    return [
+        r
+        for d in trial_dirs(root / "ray" / name)
+        if d.name.split("_")[2] in running and (r := running_at(d, epochs))
+    ]
+
+
+def n_finished(root: Path, name: str) -> int:
+    return sum(t.state.is_finished() for t in study_trials(root, name))
+
+
+@pytest.mark.timeout(1200)
+def test_driver_killed_before_any_trial_completes(tmp_path: Path) -> None:
+    root, name, budget, epochs = tmp_path / "runs", "early", 3, 3
+    cmd = driver_cmd(root, name, budget, epochs)
+
+    def ready() -> bool:
+        return n_finished(root, name) == 0 and bool(running_with_epochs(root, name, epochs))
+
+    kill_driver_when(cmd, tmp_path / "first.log", ready, "a trial with one epoch recorded")
+    assert n_finished(root, name) == 0
+    resumed_to_the_end(root, name, cmd, budget)
+
+
+@pytest.mark.timeout(1800)
+def test_driver_killed_mid_sweep_with_trials_running(tmp_path: Path) -> None:
+    """The issue's drill: 8 trials, the driver killed once 4 are complete and 2 running."""
+    root, name, budget, epochs = tmp_path / "runs", "mid", 8, 3
+    cmd = driver_cmd(root, name, budget, epochs)
+
+    def ready() -> bool:
+        return n_finished(root, name) >= 4 and len(running_with_epochs(root, name, epochs)) >= 2
+
+    kill_driver_when(cmd, tmp_path / "first.log", ready, "4 trials complete and 2 running")
+    assert n_finished(root, name) < budget
+    resumed_to_the_end(root, name, cmd, budget)
+
+
+@pytest.mark.timeout(1200)
+def test_driver_killed_after_the_last_trial_before_the_pareto_publish(tmp_path: Path) -> None:
+    root, name, budget, epochs = tmp_path / "runs", "late", 3, 2
+    cmd = driver_cmd(root, name, budget, epochs)
+    pareto = ProjectPaths.resolve(root).sweep_dir(name) / "pareto.csv"
+
+    def ready() -> bool:
+        # The driver has recorded every trial's last epoch (cheap to poll: Tune's result files).
+        dirs = trial_dirs(root / "ray" / name)
+        return len(dirs) == budget and all(
+            (r := last_result(d)) is not None and r.get("epoch") == epochs for d in dirs
+        )
+
+    kill_driver_when(cmd, tmp_path / "first.log", ready, "every trial's last epoch recorded")
+    # Ending the trials and the publish (table, plots, model registry) take seconds.
+    assert not pareto.exists(), "the driver published the front before it was killed"
+    resumed_to_the_end(root, name, cmd, budget)

@@ -52,6 +52,7 @@ def test_dry_run_fails_with_one_line_when_a_trial_diverges(
 ) -> None:
     """λ = 0 diverges as a NaN loss, λ > 0 through MonoLoss' input check: both fail the run."""
     sets = [BLOW_UP, "fixed.d_sae=64", "search.mono_coef=null", f"fixed.mono_coef={lam}"]
+    sets.append("baseline.enabled=false")
     code = main(
         ["sweep", str(DEMO), "--dry-run", "--quiet", *[a for s in sets for a in ("--set", s)]]
     )

@@ -49,17 +49,19 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
     resume_from, resumed_epoch = restore_checkpoint(work / "restored")
 
-    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+    def as_report(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         report = {k: v for k, v in metrics.items() if _reportable(v)}
-        report["epoch"] = epoch
-        report["resumed_from_epoch"] = resumed_epoch
+        return {**report, "epoch": epoch, "resumed_from_epoch": resumed_epoch}
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         profile = metrics.get("monoscore_profile")
         if profile is not None:
             (checkpoint_dir / "monoscore_profile.json").write_text(json.dumps(list(profile)))
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
+        tune.report(as_report(epoch, metrics), checkpoint=checkpoint)
 
     try:
-        train_sae(
+        final = train_sae(
             cfg,
             splits,
             out_dir=work / "run",
@@ -67,6 +69,10 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
             on_epoch=on_epoch,
             progress=False,
         )
+        if resumed_epoch >= cfg.epochs:
+            # Restored at its last epoch (the driver died as the trial ended): nothing was
+            # trained, so report the final result again; it ends the trial like any other.
+            tune.report(as_report(resumed_epoch, final))
     except DivergedError as err:
         # A finished result without objectives: the searcher tells Optuna FAIL and the
         # tracker marks the MLflow run FAILED; Tune does not retry a diverged trial.
