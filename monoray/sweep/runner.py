@@ -145,6 +145,17 @@ def restrict_token_file() -> None:
         token.chmod(0o600)
 
 
+def first_failure(grid: tune.ResultGrid, study: optuna.Study) -> str | None:
+    """Why a dry run fails: the first trial error's last line, else the first FAIL's reason."""
+    for r in grid:
+        if r.error is not None:
+            return (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1]
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            return t.user_attrs.get(FAIL_ATTR, f"trial {t.number} ended {t.state.name}")
+    return None
+
+
 def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     paths = ProjectPaths.resolve(opts.root)
     name = opts.name or space.name
@@ -229,8 +240,8 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     grid = tuner.fit()
     fit_s = time.perf_counter() - fit_start
     publish_start = time.perf_counter()
-    # Interrupted (Ctrl-C, a stop signal) iff Tune left a trial unfinished or never created
-    # all of them; a trial restored at its last epoch ends without a new result and is done.
+    # Interrupted (Ctrl-C, a stop signal) iff Tune's final snapshot has a trial neither
+    # TERMINATED nor ERROR, or fewer trials than the budget; not from what results hold.
     interrupted = (
         grid.num_terminated + grid.num_errors < len(grid) or len(grid) < space.budget.num_samples
     )
@@ -246,15 +257,9 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     else:
         tracker.finish_parent("KILLED")
     if opts.dry_run:
-        # Any failure fails a dry run: an error (its last line) or a FAIL in the study (its reason).
-        reasons = [str(r.error).strip().splitlines()[-1:] for r in grid if r.error is not None]
-        reasons += [
-            [t.user_attrs.get(FAIL_ATTR, f"trial {t.number} ended {t.state.name}")]
-            for t in study.trials
-            if t.state != optuna.trial.TrialState.COMPLETE
-        ]
-        if reasons:
-            raise InputError(f"dry run: a trial failed: {(reasons[0] or ['error'])[0]}")
+        failure = first_failure(grid, study)
+        if failure is not None:
+            raise InputError(f"dry run: a trial failed: {failure}")
     return SweepResult(
         name=name,
         study_name=name,
