@@ -513,8 +513,11 @@ def study_trials(root: Path, name: str) -> list:
     """The study's trials as the killed driver left them ([] before the study exists)."""
     import optuna
 
+    paths = ProjectPaths.resolve(root)
+    if not (paths.root / "optuna.db").is_file():  # opening it would create it under the driver
+        return []
     try:
-        study = optuna.load_study(study_name=name, storage=ProjectPaths.resolve(root).optuna_url)
+        study = optuna.load_study(study_name=name, storage=paths.optuna_url)
     except KeyError:
         return []
     return study.get_trials(deepcopy=False)
