@@ -23,6 +23,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from monoray.errors import InputError
 from monoray.sweep.audit import AuditReport, audit_sweep
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.runner import SweepOptions, SweepResult, run_sweep
-from monoray.sweep.search import TRIAL_KEY
+from monoray.sweep.search import RAY_TRIAL_ATTR, TRIAL_KEY
 from monoray.sweep.space import SweepSpace, load_space
 from monoray.sweep.tracking import SweepRecords
 from monoray.train.checkpoint import read_checkpoint_dir
@@ -509,18 +510,22 @@ def test_older_checkpoints_lists_earlier_tune_checkpoints_newest_first(tmp_path:
 # --- the driver SIGKILLed at several points of a sweep, then `monoray sweep --resume` ---------
 
 
-def study_trials(root: Path, name: str) -> list:
-    """The study's trials as the killed driver left them ([] before the study exists)."""
-    import optuna
-
-    paths = ProjectPaths.resolve(root)
-    if not (paths.root / "optuna.db").is_file():  # opening it would create it under the driver
+def study_trials(root: Path, name: str) -> list[tuple[str, str | None]]:
+    """(state, Ray trial id) of the study's trials, read-only: the driver owns the database."""
+    db = ProjectPaths.resolve(root).root / "optuna.db"
+    if not db.is_file():
         return []
+    query = (
+        "SELECT t.state, a.value_json FROM trials t JOIN studies s ON s.study_id = t.study_id "
+        "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = ? "
+        "WHERE s.study_name = ?"
+    )
     try:
-        study = optuna.load_study(study_name=name, storage=paths.optuna_url)
-    except KeyError:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as db_:
+            rows = db_.execute(query, (RAY_TRIAL_ATTR, name)).fetchall()
+    except sqlite3.OperationalError:  # the driver is still creating the schema
         return []
-    return study.get_trials(deepcopy=False)
+    return [(state, json.loads(value) if value else None) for state, value in rows]
 
 
 def driver_cmd(root: Path, name: str, budget: int, epochs: int) -> list[str]:
@@ -577,13 +582,7 @@ def resumed_to_the_end(root: Path, name: str, cmd: list[str], budget: int) -> No
 
 def running_with_epochs(root: Path, name: str, epochs: int) -> list[dict[str, Any]]:
     """Last results of the study's RUNNING trials that have recorded an epoch and train on."""
-    from optuna.trial import TrialState
-
-    running = {
-        t.user_attrs.get("ray_trial_id")
-        for t in study_trials(root, name)
-        if t.state == TrialState.RUNNING
-    }
+    running = {ray_id for state, ray_id in study_trials(root, name) if state == "RUNNING"}
     return [
         r
         for d in trial_dirs(root / "ray" / name)
@@ -592,7 +591,7 @@ def running_with_epochs(root: Path, name: str, epochs: int) -> list[dict[str, An
 
 
 def n_finished(root: Path, name: str) -> int:
-    return sum(t.state.is_finished() for t in study_trials(root, name))
+    return sum(state in ("COMPLETE", "FAIL") for state, _ in study_trials(root, name))
 
 
 @pytest.mark.timeout(1200)
