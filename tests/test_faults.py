@@ -609,12 +609,19 @@ def test_driver_killed_before_any_trial_completes(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(1800)
 def test_driver_killed_mid_sweep_with_trials_running(tmp_path: Path) -> None:
-    """The issue's drill: 8 trials, the driver killed once 4 are complete and 2 running."""
+    """The issue's drill: 8 trials, the driver killed once 4 are complete and 2 running.
+
+    Both running trials hold a slot in the study; at least one has recorded an epoch (two
+    at once is a window that a staggered pair can miss).
+    """
     root, name, budget, epochs = tmp_path / "runs", "mid", 8, 3
     cmd = driver_cmd(root, name, budget, epochs)
 
     def ready() -> bool:
-        return n_finished(root, name) >= 4 and len(running_with_epochs(root, name, epochs)) >= 2
+        states = [state for state, _ in study_trials(root, name)]
+        finished = sum(s in ("COMPLETE", "FAIL") for s in states)
+        two_running = finished >= 4 and states.count("RUNNING") == 2
+        return two_running and bool(running_with_epochs(root, name, epochs))
 
     kill_driver_when(cmd, tmp_path / "first.log", ready, "4 trials complete and 2 running")
     assert n_finished(root, name) < budget
