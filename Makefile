@@ -23,11 +23,15 @@ lint: setup
 	$(RUN) ruff check monoray tests bench jobs
 	$(RUN) ruff format --check monoray tests bench jobs
 
+# What CI runs (`.ci/run` is `make test`): CI=true and a throwaway PostgreSQL around pytest.
+# ARGS narrows it, e.g. `make test ARGS=tests/test_postgres.py`.
+WITH_CI := bash .ci/with-postgres.sh
+
 test: lint
-	$(RUN) pytest
+	$(WITH_CI) $(RUN) pytest $(ARGS)
 
 test-all: lint
-	$(RUN) pytest -m "slow or not slow"
+	$(WITH_CI) $(RUN) pytest -m "slow or not slow" $(ARGS)
 
 format: setup
 	$(RUN) ruff format monoray tests bench jobs

@@ -1,8 +1,8 @@
-# Sourced by .ci/run: a throwaway PostgreSQL for the integration suite's shared-backend test.
+# Sourced by .ci/with-postgres.sh (`make test`): a throwaway PostgreSQL for the shared-backend test.
 #   start_postgres   installs PostgreSQL from Debian's packages when absent, starts a cluster
 #                    in a temp dir on 127.0.0.1 and a free port (password auth, no trust), and
 #                    exports MONORAY_TEST_POSTGRES_URL; stop_postgres (run on EXIT) removes it.
-# Developers: `source .ci/postgres.sh && start_postgres && trap stop_postgres EXIT`.
+# By hand: `source .ci/postgres.sh && start_postgres && trap stop_postgres EXIT`.
 
 PG_DIR=""
 PG_CTL=()

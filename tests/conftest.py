@@ -22,6 +22,19 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where CUDA is, and skip (saying why) where it is not."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+        for item in gpu:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the whole test session (`ray.init` costs ~7 s).
@@ -35,6 +48,7 @@ def ray_session():
 
     start_local_ray(
         num_cpus=4,
+        num_gpus=0,  # tests about "the cluster has 0 GPUs" hold on GPU machines too
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

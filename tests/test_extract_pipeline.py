@@ -14,6 +14,7 @@ from PIL import Image
 from monoray.data import load_features, open_store
 from monoray.errors import InputError
 from monoray.extract import BAD_IMAGES, EncoderSpec, ExtractConfig, extract, read_bad_images
+from monoray.train import TrainConfig, train_sae
 
 SPEC = EncoderSpec("vit-ti16", "random-init", image_size=32)
 CLIP = EncoderSpec("clip-vit-b32", "random-init", image_size=32)
@@ -77,14 +78,11 @@ def test_extract_digits_then_train_an_sae(tmp_path):
 
     splits = load_features(out)
     assert len(splits.train) + len(splits.val) == 48
-    train = pytest.importorskip("monoray.train")
-    if not hasattr(train, "train_sae"):
-        pytest.skip("monoray.train.train_sae not available yet")
-    cfg = train.TrainConfig.from_dict(
+    cfg = TrainConfig.from_dict(
         {"arch": "batchtopk", "d_in": 512, "d_sae": 64, "k": 8, "epochs": 1, "batch_size": 16}
         | {"device": "cpu"}
     )
-    metrics = train.train_sae(cfg, splits, out_dir=tmp_path / "sae", progress=False)
+    metrics = train_sae(cfg, splits, out_dir=tmp_path / "sae", progress=False)
     assert np.isfinite(metrics["r2"])
 
 

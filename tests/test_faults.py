@@ -23,6 +23,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from monoray.errors import InputError
 from monoray.sweep.audit import AuditReport, audit_sweep
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.runner import SweepOptions, SweepResult, run_sweep
-from monoray.sweep.search import TRIAL_KEY
+from monoray.sweep.search import RAY_TRIAL_ATTR, TRIAL_KEY
 from monoray.sweep.space import SweepSpace, load_space
 from monoray.sweep.tracking import SweepRecords
 from monoray.train.checkpoint import read_checkpoint_dir
@@ -219,12 +220,18 @@ def _stop_trial_with_known_checkpoint(exp_dir: Path, epochs: int) -> tuple[dict,
         if r is None:
             continue
         pid = r["pid"]
+        found = None
         os.kill(pid, signal.SIGSTOP)
-        newest = max(d.glob("checkpoint_*"))
-        r = last_result(d)
-        if r is not None and r["pid"] == pid and r.get("checkpoint_dir_name") == newest.name:
-            return r, newest
-        os.kill(pid, signal.SIGCONT)
+        try:  # whatever happens here, never leave the worker stopped unless it is handed on
+            newest = max(d.glob("checkpoint_*"))
+            r = last_result(d)
+            if r is not None and r["pid"] == pid and r.get("checkpoint_dir_name") == newest.name:
+                found = r, newest
+        finally:
+            if found is None:
+                os.kill(pid, signal.SIGCONT)
+        if found is not None:
+            return found
     return None
 
 
@@ -498,3 +505,143 @@ def test_older_checkpoints_lists_earlier_tune_checkpoints_newest_first(tmp_path:
     (tmp_path / "result.json").write_text("")
     older = older_checkpoints(tune.Checkpoint(str(tmp_path / "checkpoint_000003")))
     assert [Path(c.path).name for c in older] == ["checkpoint_000001", "checkpoint_000000"]
+
+
+# --- the driver SIGKILLed at several points of a sweep, then `monoray sweep --resume` ---------
+
+
+def study_trials(root: Path, name: str) -> list[tuple[str, str | None]]:
+    """(state, Ray trial id) of the study's trials, read-only: the driver owns the database."""
+    db = ProjectPaths.resolve(root).root / "optuna.db"
+    if not db.is_file():
+        return []
+    query = (
+        "SELECT t.state, a.value_json FROM trials t JOIN studies s ON s.study_id = t.study_id "
+        "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = ? "
+        "WHERE s.study_name = ?"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as db_:
+            rows = db_.execute(query, (RAY_TRIAL_ATTR, name)).fetchall()
+    except sqlite3.OperationalError:  # the driver is still creating the schema
+        return []
+    return [(state, json.loads(value) if value else None) for state, value in rows]
+
+
+def driver_cmd(root: Path, name: str, budget: int, epochs: int) -> list[str]:
+    sets = [
+        "fixed.d_sae=64",
+        f"fixed.epochs={epochs}",
+        "fixed.batch_size=128",
+        f"budget.num_samples={budget}",
+        "budget.max_concurrent=2",
+    ]
+    cmd = [sys.executable, "-m", "monoray", "sweep", str(DEMO), "--name", name, "--quiet"]
+    return [*cmd, "--root", str(root), *[a for s in sets for a in ("--set", s)]]
+
+
+def kill_driver_when(cmd: list[str], log: Path, ready: Callable[[], bool], what: str) -> None:
+    """Run the sweep driver in a subprocess and SIGKILL it as soon as `ready()` holds."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"the sweep ended before {what}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gave up waiting for {what}")
+            time.sleep(0.02)  # polling a condition, not standing in for one
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+
+
+def resumed_to_the_end(root: Path, name: str, cmd: list[str], budget: int) -> None:
+    """`--resume` exits 0 with a FINISHED parent, the Pareto front published, a clean audit."""
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Pareto front" in done.stdout
+    assert (ProjectPaths.resolve(root).sweep_dir(name) / "pareto.csv").is_file()
+    audited(root, name, budget)  # the parent run FINISHED, every trial's records consistent
+    records = SweepRecords.load(ProjectPaths.resolve(root).tracking_uri, name)
+    client = records.client
+    assert client.get_run(records.parent_run_id).info.status == "FINISHED"
+    assert {"pareto/pareto.csv"} <= {
+        a.path for a in client.list_artifacts(records.parent_run_id, "pareto")
+    }
+    cli = subprocess.run(
+        [sys.executable, "-m", "monoray", "audit", name, "--root", str(root)],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def running_with_epochs(root: Path, name: str, epochs: int) -> list[dict[str, Any]]:
+    """Last results of the study's RUNNING trials that have recorded an epoch and train on."""
+    running = {ray_id for state, ray_id in study_trials(root, name) if state == "RUNNING"}
+    return [
+        r
+        for d in trial_dirs(root / "ray" / name)
+        if d.name.split("_")[2] in running and (r := running_at(d, epochs))
+    ]
+
+
+def n_finished(root: Path, name: str) -> int:
+    return sum(state in ("COMPLETE", "FAIL") for state, _ in study_trials(root, name))
+
+
+@pytest.mark.timeout(1200)
+def test_driver_killed_before_any_trial_completes(tmp_path: Path) -> None:
+    root, name, budget, epochs = tmp_path / "runs", "early", 3, 3
+    cmd = driver_cmd(root, name, budget, epochs)
+
+    def ready() -> bool:
+        return n_finished(root, name) == 0 and bool(running_with_epochs(root, name, epochs))
+
+    kill_driver_when(cmd, tmp_path / "first.log", ready, "a trial with one epoch recorded")
+    assert n_finished(root, name) == 0
+    resumed_to_the_end(root, name, cmd, budget)
+
+
+@pytest.mark.timeout(1800)
+def test_driver_killed_mid_sweep_with_trials_running(tmp_path: Path) -> None:
+    """The issue's drill: 8 trials, the driver killed once 4 are complete and 2 running.
+
+    Both running trials hold a slot in the study; at least one has recorded an epoch (two
+    at once is a window that a staggered pair can miss).
+    """
+    root, name, budget, epochs = tmp_path / "runs", "mid", 8, 3
+    cmd = driver_cmd(root, name, budget, epochs)
+
+    def ready() -> bool:
+        states = [state for state, _ in study_trials(root, name)]
+        finished = sum(s in ("COMPLETE", "FAIL") for s in states)
+        two_running = finished >= 4 and states.count("RUNNING") == 2
+        return two_running and bool(running_with_epochs(root, name, epochs))
+
+    kill_driver_when(cmd, tmp_path / "first.log", ready, "4 trials complete and 2 running")
+    assert n_finished(root, name) < budget
+    resumed_to_the_end(root, name, cmd, budget)
+
+
+@pytest.mark.timeout(1200)
+def test_driver_killed_after_the_last_trial_before_the_pareto_publish(tmp_path: Path) -> None:
+    root, name, budget, epochs = tmp_path / "runs", "late", 3, 2
+    cmd = driver_cmd(root, name, budget, epochs)
+    pareto = ProjectPaths.resolve(root).sweep_dir(name) / "pareto.csv"
+
+    def ready() -> bool:
+        # The driver has recorded every trial's last epoch (cheap to poll: Tune's result files).
+        dirs = trial_dirs(root / "ray" / name)
+        return len(dirs) == budget and all(
+            (r := last_result(d)) is not None and r.get("epoch") == epochs for d in dirs
+        )
+
+    kill_driver_when(cmd, tmp_path / "first.log", ready, "every trial's last epoch recorded")
+    # Ending the trials and the publish (table, plots, model registry) take seconds.
+    assert not pareto.exists(), "the driver published the front before it was killed"
+    resumed_to_the_end(root, name, cmd, budget)

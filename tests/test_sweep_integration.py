@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -142,6 +143,8 @@ def _kill_first_trial_worker(results: Path, killed: list[int], stop: threading.E
 @pytest.mark.faults  # part of the fault-injection suite (tests/test_faults.py)
 def test_killed_trial_worker_resumes_from_checkpoint(ray_session, project: Path) -> None:
     space = small_space("fixed.epochs=4", num_samples=2)
+    temp = Path(tempfile.gettempdir())
+    scratch_before = set(temp.glob("monoray-trial-*"))
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(
@@ -162,6 +165,8 @@ def test_killed_trial_worker_resumes_from_checkpoint(ray_session, project: Path)
         if records.client.get_run(rid).data.metrics.get("resumed_from_epoch", 0) >= 1
     ]
     assert resumed, "no trial reports having resumed from a checkpoint"
+    # The killed attempt's scratch space was in its trial's own directory, not in the temp dir.
+    assert set(temp.glob("monoray-trial-*")) <= scratch_before
 
 
 def _sweep_cmd(root: Path, *extra: str) -> list[str]:

@@ -230,8 +230,9 @@ def _in_process(cfg: FinetuneConfig) -> None:
     from monoray.finetune.loop import train_finetune
     from monoray.runs.outcome import DivergedError, failure_report
     from monoray.sweep.restore import restore_checkpoint
+    from monoray.sweep.trial import scratch_dir
 
-    work = Path(tempfile.mkdtemp(prefix="monoray-finetune-"))
+    work = scratch_dir()
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
     resume_from, resumed = restore_checkpoint(work / "restored")
 

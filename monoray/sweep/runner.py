@@ -27,6 +27,7 @@ from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.progress import SweepProgress
 from monoray.sweep.search import (
+    FAIL_ATTR,
     MonorayOptunaSearch,
     fail_leftovers,
     open_study,
@@ -113,6 +114,17 @@ def check_resources(space: SweepSpace) -> None:
             )
 
 
+def first_failure(grid: tune.ResultGrid, study: optuna.Study) -> str | None:
+    """Why a dry run fails: the first trial error's last line, else the first FAIL's reason."""
+    for r in grid:
+        if r.error is not None:
+            return (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1]
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            return t.user_attrs.get(FAIL_ATTR, f"trial {t.number} ended {t.state.name}")
+    return None
+
+
 def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     paths = ProjectPaths.resolve(opts.root)
     name = opts.name or space.name
@@ -197,8 +209,10 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     grid = tuner.fit()
     fit_s = time.perf_counter() - fit_start
     publish_start = time.perf_counter()
-    interrupted = len(grid) < space.budget.num_samples or any(
-        r.error is None and not r.metrics for r in grid
+    # Interrupted (Ctrl-C, a stop signal) iff Tune's final snapshot has a trial neither
+    # TERMINATED nor ERROR, or fewer trials than the budget; not from what results hold.
+    interrupted = (
+        grid.num_terminated + grid.num_errors < len(grid) or len(grid) < space.budget.num_samples
     )
     tracker.open_parent()  # the driver-side tracker (Tune ran a restored copy on resume)
     study = optuna.load_study(study_name=name, storage=storage)
@@ -212,10 +226,9 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     else:
         tracker.finish_parent("KILLED")
     if opts.dry_run:
-        errors = [r.error for r in grid if r.error is not None]
-        if errors:
-            last = str(errors[0]).strip().splitlines()[-1]
-            raise InputError(f"dry run: a trial failed: {last}")
+        failure = first_failure(grid, study)
+        if failure is not None:
+            raise InputError(f"dry run: a trial failed: {failure}")
     return SweepResult(
         name=name,
         study_name=name,

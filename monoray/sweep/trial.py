@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from monoray.data import FeatureSplits
 from monoray.errors import InputError
 from monoray.runs.outcome import INPUT_ERROR_KEY
 from monoray.sweep.restore import restore_checkpoint
-from monoray.sweep.search import TRIAL_KEY
 
 
 def config_keys(kind: str) -> set[str]:
@@ -48,21 +46,23 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     from monoray.train import DivergedError, TrainConfig, train_sae
 
     cfg = TrainConfig.from_dict({**trial_params(config), "d_in": splits.train.dim})
-    work = Path(tempfile.mkdtemp(prefix=f"monoray-trial-{config.get(TRIAL_KEY, 'x')}-"))
+    work = scratch_dir()
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
     resume_from, resumed_epoch = restore_checkpoint(work / "restored")
 
-    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+    def as_report(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         report = {k: v for k, v in metrics.items() if _reportable(v)}
-        report["epoch"] = epoch
-        report["resumed_from_epoch"] = resumed_epoch
+        return {**report, "epoch": epoch, "resumed_from_epoch": resumed_epoch}
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         profile = metrics.get("monoscore_profile")
         if profile is not None:
             (checkpoint_dir / "monoscore_profile.json").write_text(json.dumps(list(profile)))
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
+        tune.report(as_report(epoch, metrics), checkpoint=checkpoint)
 
     try:
-        train_sae(
+        final = train_sae(
             cfg,
             splits,
             out_dir=work / "run",
@@ -70,6 +70,10 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
             on_epoch=on_epoch,
             progress=False,
         )
+        if resumed_epoch >= cfg.epochs:
+            # Restored at its last epoch (the driver died as the trial ended): nothing was
+            # trained, so report the final result again; it ends the trial like any other.
+            tune.report(as_report(resumed_epoch, final))
     except DivergedError as err:
         # A finished result without objectives: the searcher tells Optuna FAIL and the
         # tracker marks the MLflow run FAILED; Tune does not retry a diverged trial.
@@ -78,6 +82,20 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
         tune.report({INPUT_ERROR_KEY: str(err)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def scratch_dir() -> Path:
+    """An empty `scratch/` in the trial's own working directory on its node.
+
+    That is Tune's per-trial working dir (in Ray's session dir; not synced to storage
+    without `SyncConfig(sync_artifacts=True)`), not `get_trial_dir()`, whose contents Tune
+    copies to storage with the experiment state. A killed attempt leaves its scratch
+    there, never in the system temp dir; the trial's next attempt clears it first.
+    """
+    work = Path(tune.get_context().get_storage().trial_working_directory) / "scratch"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
 
 
 def _reportable(value: Any) -> bool:

@@ -58,6 +58,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _blew_up(sae: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Non-finite parameters or pre-activations: the inputs were validated on load."""
+    with torch.no_grad():
+        params = all(bool(torch.isfinite(p).all()) for p in sae.parameters())
+        return not (params and bool(torch.isfinite(sae._pre(x)).all()))
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of everything random in epoch `epoch` (1-based) of a run seeded `seed`."""
     return (seed * 1_000_003 + epoch) % (2**63 - 1)
@@ -233,7 +240,15 @@ def train_sae(
             for b in range(steps_per_epoch):
                 x_raw = batches.get(perm[b * bs : (b + 1) * bs])
                 x = normalize_inputs(x_raw, cfg.normalize)
-                out = sae.forward_train(x, x_raw)
+                try:
+                    out = sae.forward_train(x, x_raw)
+                except InputError as err:  # MonoLoss' input check saw the model blow up
+                    if not _blew_up(sae, x):
+                        raise
+                    raise DivergedError(
+                        f"latents became NaN/inf at epoch {epoch}, step {step + 1} "
+                        f"(arch {cfg.sae.arch}, lr {cfg.lr:g}): {err}"
+                    ) from None
                 terms = (
                     schedule.scale_loss(out.loss, step) if schedule.coefs_scheduled else out.loss
                 )
