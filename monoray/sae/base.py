@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoray import metrics
+from monoray.sae.collective import LOCAL, Collective
 from monoray.sae.config import SAEConfig
 from monoray.sae.sparse import (
     Pattern,
@@ -107,6 +108,8 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # The ranks a training batch is split over; the trainer sets `Ranks` for W > 1.
+        self.collective: Collective = Collective()
         gen = torch.Generator().manual_seed(cfg.seed)
         atoms = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         atoms /= atoms.norm(dim=1, keepdim=True)
@@ -193,6 +196,11 @@ class SparseAutoencoder(nn.Module):
             return None
         emb = embeddings.detach()
         eps, precision = self.cfg.mono_eps, self.cfg.mono_precision
+        if self.collective.size > 1:  # the global batch's loss; float64 whatever `precision`
+            dense = latents if isinstance(latents, Tensor) else latents.to_dense()
+            group = getattr(self.collective, "group", None)
+            loss = metrics.mono_loss_global(emb, dense, eps=eps, group=group)
+            return self.collective.share(loss)
         if isinstance(latents, Tensor):
             return metrics.mono_loss(emb, latents, eps=eps, precision=precision)
         return metrics.mono_loss_rows(
@@ -212,10 +220,11 @@ class SparseAutoencoder(nn.Module):
         return SAELoss(mono_coef=self.cfg.mono_coef, aux_coef=self.cfg.aux_coef, **terms)
 
 
-def mse(recon: Tensor, x: Tensor) -> Tensor:
-    """Mean over batch and dims of the squared error."""
-    return (recon - x).pow(2).mean()
+def mse(recon: Tensor, x: Tensor, collective: Collective = LOCAL) -> Tensor:
+    """Mean over the (global) batch and dims of the squared error."""
+    return collective.mean((recon - x).pow(2))
 
 
-def mean_l0(latents: SparseLatents) -> Tensor:
-    return (latents.values.detach() > 0).sum().to(latents.values.dtype) / latents.batch_size
+def mean_l0(latents: SparseLatents, collective: Collective = LOCAL) -> Tensor:
+    fired = (latents.values.detach() > 0).sum().to(latents.values.dtype)
+    return fired / (collective.rows if collective.size > 1 else latents.batch_size)

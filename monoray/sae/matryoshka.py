@@ -32,7 +32,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             entries = (group == g).nonzero().squeeze(1)
             part = decode_at(acts[entries], self.W_dec, pattern.select(entries))
             partial = part if partial is None else partial + part
-            errors.append(mse(partial + self.b_dec, x))
+            errors.append(mse(partial + self.b_dec, x, self.collective))
         assert partial is not None
         return partial + self.b_dec, self._terms(errors)
 
@@ -43,7 +43,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         for size in self.cfg.prefixes:
             part = dense[:, lo:size] @ self.W_dec[lo:size]
             partial = part if partial is None else partial + part
-            errors.append(mse(partial + self.b_dec, x))
+            errors.append(mse(partial + self.b_dec, x, self.collective))
             lo = size
         assert partial is not None
         return partial + self.b_dec, self._terms(errors)
