@@ -9,9 +9,12 @@ accumulators) where one process sums once, so float32 results differ by
 rounding (~1e-7 relative per step; one step's loss and gradients: STEP_RTOL).
 Adam divides by sqrt(v) + eps, so it amplifies rounding in coordinates with
 tiny gradients: adam_eps 1e-6 here keeps 2 epochs within 1e-5 (measured up
-to 4e-6). JumpReLU gets more room: its firing test z > θ and the window
-|z - θ| < ε/2 are discontinuous in z, so a pre-activation that rounding moves
-across an edge changes its entry's gradient by O(1) (measured 3e-5). MonoLoss runs in float64 on both sides here (mono_precision:
+to 4e-6 for the TopK family, whose selections are exact). JumpReLU and
+vanilla get more room: their gradients are discontinuous in the
+pre-activation (JumpReLU's z > θ and window |z - θ| < ε/2, ReLU's z > 0), and
+the encoder GEMM on a slice of the batch rounds a row differently than on the
+whole batch, so an entry that lands on the other side of an edge changes its
+gradient by O(1) (measured: 3e-5 JumpReLU, 1.3e-5 vanilla at W = 3). MonoLoss runs in float64 on both sides here (mono_precision:
 float64), so its value and gradient agree to MONO_RTOL.
 """
 
@@ -38,9 +41,9 @@ from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 pytestmark = pytest.mark.timeout(600)
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "vanilla", "matryoshka")
-PARAM_ATOL = {"jumprelu": 1e-4}
+PARAM_ATOL = {"jumprelu": 1e-4, "vanilla": 5e-5}
 """Max |param - single-process param| after 2 epochs; 1e-5 for the other architectures."""
-METRIC_RTOL = {"jumprelu": 1e-3}
+METRIC_RTOL = {"jumprelu": 1e-3, "vanilla": 1e-3}
 """Relative tolerance of the final metrics; 1e-4 for the other architectures."""
 MONO_RTOL = 1e-6
 STEP_RTOL = 1e-5

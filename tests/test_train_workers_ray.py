@@ -1,11 +1,16 @@
 """SAE runs on Ray Train workers end to end: `monoray train --workers 2` (gloo) writes the
 in-process run directory and resumes at W = 1 with the single-process result; a sweep with
-`resources.workers: 2` records like a 1-worker sweep; bad worker settings are one line,
+`resources.workers: 2` records like a 1-worker sweep; a SIGKILLed worker resumes from the
+last epoch checkpoint with the uninterrupted result; bad worker settings are one line,
 exit 2, before anything starts."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +91,54 @@ def test_two_worker_sweep_records_like_a_one_worker_sweep(ray_session, project: 
         names = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
         assert {"checkpoint/model.safetensors", "checkpoint/monoscore_profile.json"} <= names
     assert len(list((result.ray_dir / "train-runs").glob("trial-*"))) == 2
+
+
+def _kill_rank_after_first_epoch(status_dir: Path, rank: int, done: threading.Event, log: list):
+    """Poll the workers' status files; SIGKILL `rank` once it has reported epoch 1."""
+    status = status_dir / f"rank-{rank}.json"
+    while not done.is_set():
+        try:
+            record = json.loads(status.read_text())
+        except (OSError, ValueError):
+            record = {}
+        if record.get("epoch", 0) >= 1:
+            os.kill(record["pid"], signal.SIGKILL)
+            log.append(record)
+            return
+        time.sleep(0.05)
+
+
+def test_killed_worker_resumes_from_the_epoch_checkpoint_with_the_same_result(
+    ray_session, tmp_path: Path
+) -> None:
+    from monoray.data import load_features
+    from monoray.train import TrainConfig, train_sae
+    from monoray.train.workers import data_spec, fit_sae_workers
+
+    flat = {"arch": "topk", "d_in": 54, "d_sae": 32, "k": 4, "epochs": 3, "batch_size": 120}
+    flat |= {"lr": 3e-3, "adam_eps": 1e-6, "device": "cpu", "mono_coef": 0.1}
+    flat |= {"mono_precision": "float64", "dead_steps_threshold": 3}
+    cfg = TrainConfig.from_dict(flat)
+    status_dir, killed, done = tmp_path / "status", [], threading.Event()
+    killer = threading.Thread(
+        target=_kill_rank_after_first_epoch, args=(status_dir, 1, done, killed), daemon=True
+    )
+    killer.start()
+    try:
+        result = fit_sae_workers(
+            cfg,
+            data_spec("digits", subset=600),
+            workers=2,
+            storage_path=tmp_path / "storage",
+            name="kill-test",
+            max_failures=2,
+            status_dir=status_dir,
+        )
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the worker was never killed"
+    assert result.metrics["epoch"] == 3 and result.metrics["resumed_from_epoch"] >= 1
+    want = train_sae(cfg, load_features("digits").head(600), out_dir=tmp_path / "one")
+    for key in ("r2", "monoscore_mean", "l0", "dead_fraction", "train_loss"):
+        assert result.metrics[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key

@@ -112,6 +112,8 @@ def sae_worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from monoray.finetune.trial import _write_status as write_status
+    from monoray.finetune.trial import checkpoint_epoch
     from monoray.sae.collective import Ranks
     from monoray.train.trainer import DivergedError, train_sae
 
@@ -124,21 +126,27 @@ def sae_worker_loop(config: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"monoray-sae-rank{rank}-"))
     out_dir = Path(config["out_dir"]) if config.get("out_dir") and rank == 0 else work / "run"
     resume_from = config.get("resume_from")
+    resumed = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         resume_from = Path(checkpoint.to_directory(str(work / "restored")))
+        resumed = checkpoint_epoch(resume_from)
+    status_dir = config.get("status_dir")
+    write_status(status_dir, rank, epoch=resumed, resumed_from_epoch=resumed)
 
     def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         from monoray.finetune.trial import epoch_report
 
-        report = epoch_report(epoch, metrics, None, 0)
-        report.pop("resumed_from_epoch")
+        report = epoch_report(epoch, metrics, None, resumed)
         ckpt = None
         if checkpoint_dir is not None:
             profile = metrics.get("monoscore_profile") or []
             (checkpoint_dir / PROFILE_JSON).write_text(json.dumps(list(profile)))
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        if status_dir is not None:  # after Train registered the report (see finetune.trial)
+            ray.train.get_all_reported_checkpoints()
+            write_status(status_dir, rank, epoch=epoch, resumed_from_epoch=resumed)
 
     try:
         train_sae(
@@ -170,11 +178,13 @@ def fit_sae_workers(
     callbacks: Sequence[Any] = (),
     out_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    status_dir: str | Path | None = None,
 ) -> Any:
     """Train `cfg` on `workers` Ray Train workers; returns the `ray.train.Result`.
 
     `out_dir`: rank 0's run directory (else a temporary one); `resume_from`: a
-    checkpoint (directory of them) to start from when Train has none of its own.
+    checkpoint (directory of them) to start from when Train has none of its own;
+    `status_dir`: each rank's pid and last registered epoch (`rank-R.json`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -189,6 +199,7 @@ def fit_sae_workers(
             "data": data,
             "out_dir": None if out_dir is None else str(out_dir),
             "resume_from": None if resume_from is None else str(resume_from),
+            "status_dir": None if status_dir is None else str(status_dir),
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpu_per_worker > 0, resources_per_worker=resources
@@ -299,6 +310,7 @@ def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) 
             gpu_per_worker=args.gpus_per_worker,
             out_dir=out,
             resume_from=resume_from,
+            status_dir=out / "workers",
         )
     except ray.train.TrainingFailedError as err:
         raise WorkersFailed(f"a Train worker failed: {_last_line(err)}") from None
