@@ -48,6 +48,8 @@ METRIC_RTOL = {"jumprelu": 1e-3, "vanilla": 1e-3}
 MONO_RTOL = 1e-6
 STEP_RTOL = 1e-5
 TIMEOUT_S = 120
+TRAIN_ROWS = 717
+"""11 batches of 60 and a last one of 57: unequal slices (29 + 28 at W = 2, 19 x 3 at W = 3)."""
 
 
 def _cfg(arch: str) -> TrainConfig:
@@ -63,7 +65,7 @@ def _cfg(arch: str) -> TrainConfig:
             "mono_coef": 0.1,
             "mono_precision": "float64",
             "epochs": 2,
-            "batch_size": 60,  # digits' 1437 train rows: a last batch of 57 (29 + 28 at W = 2)
+            "batch_size": 60,
             "lr": 3e-3,
             "adam_eps": 1e-6,  # see PARAM_ATOL
             "device": "cpu",
@@ -147,7 +149,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
         timeout=timedelta(seconds=TIMEOUT_S),
     )
     try:
-        splits = load_features("digits")
+        splits = load_features("digits").head(TRAIN_ROWS)
         report: dict[str, Any] = {"ties": _ties_case(rank, world)}
         report["mono"] = _step_case(rank, world, "batchtopk", 1.0)
         for arch in ARCHS:
@@ -164,7 +166,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("single")
-    splits = load_features("digits")
+    splits = load_features("digits").head(TRAIN_ROWS)
     for arch in ARCHS:
         train_sae(_cfg(arch), splits, out_dir=out / arch, progress=False)
     return out
@@ -214,3 +216,11 @@ def test_ranks_equal_single_process(world: int, single: Path, tmp_path: Path) ->
                     report[arch][key],
                     want,
                 )
+
+
+def test_batch_topk_keeps_the_lowest_positions_among_ties() -> None:
+    acts = torch.tensor([[1.0, 2.0, 2.0, 0.0], [2.0, 2.0, 3.0, 2.0]])
+    values, flat = batch_topk(acts, 4)
+    assert flat.tolist() == [1, 2, 4, 6] and values.tolist() == [2.0, 2.0, 2.0, 3.0]
+    _, flat = batch_topk(torch.ones(64, 100), 300)  # the sampled-cut path, all tied
+    assert torch.equal(flat, torch.arange(300))
