@@ -139,6 +139,10 @@ def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
             )
 
 
+def _not_rank0(*_: Any, **__: Any) -> None:
+    """Checkpoints are rank 0's: other ranks write nothing."""
+
+
 def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
 
@@ -300,21 +304,17 @@ def train_sae(
                 ) from None
             metrics = {**train, **last_eval.metrics, "epoch": float(epoch), "step": float(step)}
             history.append(metrics)
-            ckpt_dir = (
-                None
-                if not main
-                else save_checkpoint(
-                    out_dir / CHECKPOINTS,
-                    epoch=epoch,
-                    step=step,
-                    config=cfg.to_dict(),
-                    model_state=sae.state_dict(),
-                    optimizer_state=optimizer.state_dict(),
-                    history=history,
-                    eval_tensors=last_eval.tensors(),
-                    data=data_record,
-                    keep=keep_checkpoints,
-                )
+            ckpt_dir = (save_checkpoint if main else _not_rank0)(
+                out_dir / CHECKPOINTS,
+                epoch=epoch,
+                step=step,
+                config=cfg.to_dict(),
+                model_state=sae.state_dict(),
+                optimizer_state=optimizer.state_dict(),
+                history=history,
+                eval_tensors=last_eval.tensors(),
+                data=data_record,
+                keep=keep_checkpoints,
             )
             if bar is not None:
                 bar.status(
