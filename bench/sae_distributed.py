@@ -35,13 +35,13 @@ from monoray.sae.collective import Ranks
 PAPER = {"batch": 2048, "d_in": 768, "d_sae": 8192, "k": 64}
 
 
-def _sae(device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
+def _sae(device: torch.device, mono_coef: float) -> tuple[Any, torch.optim.Optimizer]:
     cfg = SAEConfig(
         arch="batchtopk",
         d_in=PAPER["d_in"],
         d_sae=PAPER["d_sae"],
         k=PAPER["k"],
-        mono_coef=3e-4,
+        mono_coef=mono_coef,
     )
     sae = build_sae(cfg).to(device)
     return sae, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
@@ -112,7 +112,9 @@ class _Meter:
         self.calls.clear()
 
 
-def _rank(rank: int, world: int, init: str, device_name: str, steps: int, out: str) -> None:
+def _rank(
+    rank: int, world: int, init: str, device_name: str, steps: int, mono_coef: float, out: str
+) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     backend = "nccl" if device_name == "cuda" else "gloo"
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
@@ -127,7 +129,7 @@ def _rank(rank: int, world: int, init: str, device_name: str, steps: int, out: s
     )
     try:
         meter = _Meter(device)
-        sae, opt = _sae(device)
+        sae, opt = _sae(device, mono_coef)
         sae.collective = Ranks(device=device)
         x = torch.tensor_split(_batch(device), world)[rank]
         _step(sae, opt, x)  # warm-up (not metered)
@@ -157,17 +159,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--mono-coef", type=float, default=3e-4, help="0: BatchTopK alone")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     load_start = os.getloadavg()[0]
-    sae, opt = _sae(device)
+    sae, opt = _sae(device, args.mono_coef)
     single = _timed(sae, opt, _batch(device), args.steps, device)
     del sae, opt
     with tempfile.TemporaryDirectory() as out:
         init = os.path.join(out, "init")
         mp.start_processes(
             _rank,
-            args=(args.workers, init, args.device, args.steps, out),
+            args=(args.workers, init, args.device, args.steps, args.mono_coef, out),
             nprocs=args.workers,
             start_method="spawn",
         )
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bench": "sae_distributed",
         "size": PAPER,
         "arch": "batchtopk",
-        "mono": True,
+        "mono_coef": args.mono_coef,
         "device": args.device,
         "backend": "nccl" if args.device == "cuda" else "gloo",
         "workers": args.workers,
