@@ -29,6 +29,15 @@ differ by that precision's ~1e-5.
 Bytes per step (float32 unless noted): BatchTopK W·k·B values all-gathered;
 the gradients (all parameters) all-reduced once; MonoLoss as documented in
 `monoray.metrics.distributed_loss`; a [d_sae] fired mask; W row counts.
+
+Cost: `mono_loss_global` takes dense activations, so at W > 1 MonoLoss is a
+float64 [d_sae, B_r] x [B_r, d] product per rank instead of the sparse
+O(nnz·d) kernel one process uses: at the paper size on CPU that step is ~10x
+slower than one process (`bench/sae_distributed.py`; README). Without
+MonoLoss the split pays (1.4x at W = 2 on 2 vCPUs).
+
+A last partial batch must give every rank a row (`check_shards`): the loss
+kernels are not defined on empty slices.
 """
 
 from __future__ import annotations
