@@ -29,7 +29,7 @@ TRAIN += ["--mono-coef", "0.1", "--mono-precision", "float64", "--no-progress"]
 PARAM_ATOL = 1e-5  # float32 rounding of summed shares; see tests/test_train_distributed.py
 
 
-def test_two_workers_write_the_run_dir_and_resume_at_one_worker(
+def test_two_workers_write_the_run_dir_and_resume_at_one_worker_and_back(
     ray_session, tmp_path: Path
 ) -> None:
     dist, local = tmp_path / "w2", tmp_path / "w1"
@@ -37,9 +37,12 @@ def test_two_workers_write_the_run_dir_and_resume_at_one_worker(
     assert (dist / "metrics.json").is_file() and (dist / "monoscore_profile.png").is_file()
     assert (dist / CHECKPOINTS / "epoch-0001" / "model.safetensors").is_file()
     assert main([*TRAIN, "--epochs", "2", "--resume", "--out", str(dist)]) == 0  # W = 1 now
-    assert main([*TRAIN, "--epochs", "2", "--out", str(local)]) == 0
+    two = ["--epochs", "3", "--resume", "--workers", "2", "--out", str(dist)]
+    assert main([*TRAIN, *two]) == 0  # W = 2 again: from the W = 1 epoch, not Train's older one
+    assert main([*TRAIN, "--epochs", "3", "--out", str(local)]) == 0
     got, want = load_checkpoint(dist / CHECKPOINTS), load_checkpoint(local / CHECKPOINTS)
-    assert got is not None and want is not None and got.epoch == want.epoch == 2
+    assert got is not None and want is not None and got.epoch == want.epoch == 3
+    assert [h["epoch"] for h in got.history] == [1.0, 2.0, 3.0]
     for key, ref in want.model_state.items():
         assert float((got.model_state[key] - ref).abs().max()) <= PARAM_ATOL, key
     have = json.loads((dist / "metrics.json").read_text())

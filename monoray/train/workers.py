@@ -297,16 +297,19 @@ def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) 
     )
     start_ray(args.address)
     check_placement(args.workers, 1.0, args.gpus_per_worker)
-    resume_from = None
-    if args.resume and load_checkpoint(out / CHECKPOINTS, with_optimizer=False) is not None:
-        resume_from = out / CHECKPOINTS
+    resume_from, name = None, "train"
+    last = load_checkpoint(out / CHECKPOINTS, with_optimizer=False) if args.resume else None
+    if last is not None:
+        # A Train run of its own: Train would otherwise restore its older checkpoints of an
+        # earlier run (say epoch 1 at W = 2) over a newer local one (epoch 2 at W = 1).
+        resume_from, name = out / CHECKPOINTS, f"train-from-epoch-{last.epoch:04d}"
     try:
         result = fit_sae_workers(
             cfg,
             spec,
             workers=args.workers,
             storage_path=out / "ray",
-            name="train",
+            name=name,
             gpu_per_worker=args.gpus_per_worker,
             out_dir=out,
             resume_from=resume_from,
