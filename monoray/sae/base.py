@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoray import metrics
+from monoray.sae.collective import LOCAL, Collective
 from monoray.sae.config import ReconLoss, SAEConfig
 from monoray.sae.sparse import (
     Pattern,
@@ -108,6 +109,8 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # The ranks a training batch is split over; the trainer sets `Ranks` for W > 1.
+        self.collective: Collective = Collective()
         gen = torch.Generator().manual_seed(cfg.seed)
         atoms = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         atoms /= atoms.norm(dim=1, keepdim=True)
@@ -194,6 +197,11 @@ class SparseAutoencoder(nn.Module):
             return None
         emb = embeddings.detach()
         eps, precision = self.cfg.mono_eps, self.cfg.mono_precision
+        if self.collective.size > 1:  # the global batch's loss; float64 whatever `precision`
+            dense = latents if isinstance(latents, Tensor) else latents.to_dense()
+            group = getattr(self.collective, "group", None)
+            loss = metrics.mono_loss_global(emb, dense, eps=eps, group=group)
+            return self.collective.share(loss)
         if isinstance(latents, Tensor):
             return metrics.mono_loss(emb, latents, eps=eps, precision=precision)
         return metrics.mono_loss_rows(
@@ -208,7 +216,7 @@ class SparseAutoencoder(nn.Module):
 
     def _recon_loss(self, recon: Tensor, target: Tensor) -> Tensor:
         assert self.cfg.recon_loss is not None  # resolved per arch by SAEConfig
-        return recon_loss(recon, target, self.cfg.recon_loss)
+        return recon_loss(recon, target, self.cfg.recon_loss, self.collective)
 
     def _loss(self, **terms: Any) -> SAELoss:
         zero = terms["mse"].new_zeros(())
@@ -217,14 +225,17 @@ class SparseAutoencoder(nn.Module):
         return SAELoss(mono_coef=self.cfg.mono_coef, aux_coef=self.cfg.aux_coef, **terms)
 
 
-def recon_loss(recon: Tensor, target: Tensor, kind: ReconLoss) -> Tensor:
-    """`SAEConfig.recon_loss` of a batch: "mse" or "normalized_mse" (see there)."""
+def recon_loss(
+    recon: Tensor, target: Tensor, kind: ReconLoss, collective: Collective = LOCAL
+) -> Tensor:
+    """`SAEConfig.recon_loss` of a (global) batch: "mse" or "normalized_mse" (see there)."""
     if kind == "mse":
-        return (recon - target).pow(2).mean()
+        return collective.mean((recon - target).pow(2))
     energy = target.pow(2).mean(dim=1)
     per_sample = (recon - target).pow(2).mean(dim=1)
-    return (per_sample / torch.where(energy > 0, energy, 1.0)).mean()
+    return collective.mean(per_sample / torch.where(energy > 0, energy, 1.0))
 
 
-def mean_l0(latents: SparseLatents) -> Tensor:
-    return (latents.values.detach() > 0).sum().to(latents.values.dtype) / latents.batch_size
+def mean_l0(latents: SparseLatents, collective: Collective = LOCAL) -> Tensor:
+    fired = (latents.values.detach() > 0).sum().to(latents.values.dtype)
+    return fired / (collective.rows if collective.size > 1 else latents.batch_size)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from monoray.sae.config import SAEConfig
-from monoray.sae.sparse import Pattern, SparseLatents, batch_topk
+from monoray.sae.sparse import Pattern, SparseLatents
 from monoray.sae.topk import TopKFamily
 
 
@@ -30,20 +30,22 @@ class BatchTopKSAE(TopKFamily):
 
     def _select_train(self, pre: Tensor) -> tuple[Pattern, Tensor]:
         acts = pre.clamp_min_(0)
-        values, flat = batch_topk(acts, self.cfg.k * acts.shape[0])
-        self._update_threshold(values)
+        values, flat, smallest = self.collective.batch_topk(acts, self.cfg.k * self.collective.rows)
+        self._update_threshold(smallest)
         return Pattern.from_flat(flat, acts.shape[0], acts.shape[1]), values
 
     def _activate_dense(self, pre: Tensor) -> Tensor:
         acts = F.relu(pre)
-        values, flat = acts.reshape(-1).topk(self.cfg.k * acts.shape[0], sorted=False)
-        self._update_threshold(values.detach())
+        n_keep = self.cfg.k * self.collective.rows
+        _, flat, smallest = self.collective.batch_topk(acts.detach(), n_keep)
+        self._update_threshold(smallest)
+        values = acts.reshape(-1)[flat]
         return torch.zeros_like(acts).reshape(-1).scatter(0, flat, values).view_as(acts)
 
     @torch.no_grad()
-    def _update_threshold(self, kept: Tensor) -> None:
-        """EMA of the smallest positive kept value (no host sync)."""
-        smallest = torch.where(kept > 0, kept, torch.inf).min().to(self.threshold.dtype)
+    def _update_threshold(self, smallest: Tensor) -> None:
+        """EMA of the smallest positive kept value of the global batch (no host sync)."""
+        smallest = smallest.to(self.threshold.dtype)
         beta = self.cfg.threshold_ema
         ema = torch.where(
             self.threshold_updates == 0, smallest, beta * self.threshold + (1 - beta) * smallest

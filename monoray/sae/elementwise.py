@@ -21,6 +21,7 @@ class ElementwiseSAE(SparseAutoencoder):
 
     def forward_train(self, x: Tensor, embeddings: Tensor | None = None) -> SAEOutput:
         emb = x if embeddings is None else embeddings
+        self.collective.begin_batch(x.shape[0])
         impl = self.cfg.impl
         if impl == "dense" or (impl == "auto" and x.device.type != "cpu"):
             return self._train_dense(x, emb, self._pre_dense(x))
@@ -54,10 +55,10 @@ class ElementwiseSAE(SparseAutoencoder):
     ) -> SAEOutput:
         loss = self._loss(
             mse=self._recon_loss(recon, x),
-            sparsity=sparsity / x.shape[0],
+            sparsity=sparsity / self.collective.rows,
             sparsity_coef=self.sparsity_coef,
             mono=mono,
-            l0=mean_l0(latents),
+            l0=mean_l0(latents, self.collective),
         )
         return SAEOutput(recon, latents, loss, path)
 

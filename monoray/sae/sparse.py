@@ -320,7 +320,8 @@ def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def batch_topk(acts: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
-    """The `n_keep` largest entries of the whole matrix: (values, flat positions), increasing.
+    """The `n_keep` largest entries of the whole matrix: (values, flat positions), increasing;
+    among entries equal to the cut the lowest positions are kept.
 
     Exact, but avoids a full top-k over batch * d_sae values: a cut estimated on
     a strided sample of rows (aiming at twice the needed share) keeps a short
@@ -341,9 +342,11 @@ def batch_topk(acts: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
         if candidates.numel() < n_keep:
             candidates = None
     if candidates is None:
-        values, pos = flat.topk(n_keep, sorted=False)
-    else:
-        values, j = flat[candidates].topk(n_keep, sorted=False)
-        pos = candidates[j]
-    pos, order = pos.sort()
-    return values[order], pos
+        candidates = torch.arange(total, device=flat.device)
+    values = flat[candidates]
+    # torch.topk picks arbitrarily among ties at the cut: keep the lowest positions instead,
+    # the rule a distributed selection can reproduce (monoray.sae.collective).
+    cut = values.topk(n_keep, sorted=False).values.min()
+    tie = values == cut
+    keep = (values > cut) | (tie & (tie.cumsum(0) <= n_keep - (values > cut).sum()))
+    return values[keep], candidates[keep]

@@ -32,6 +32,7 @@ class TopKFamily(SparseAutoencoder):
 
     def forward_train(self, x: Tensor, embeddings: Tensor | None = None) -> SAEOutput:
         emb = x if embeddings is None else embeddings
+        self.collective.begin_batch(x.shape[0])
         dead = self.steps_since_fired >= self.cfg.dead_steps_threshold
         if self._sparse_by_device(x):
             pre = self._pre(x)
@@ -54,7 +55,7 @@ class TopKFamily(SparseAutoencoder):
         self._plan_reinit(x, recon)
         if aux is not None:
             terms["aux"] = aux
-        loss = self._loss(mono=mono, l0=mean_l0(latents), **terms)
+        loss = self._loss(mono=mono, l0=mean_l0(latents, self.collective), **terms)
         return SAEOutput(recon, latents, loss, path)
 
     # ---- per architecture ----------------------------------------------------------
@@ -104,6 +105,7 @@ class TopKFamily(SparseAutoencoder):
     def _count_fired(self, latents: SparseLatents) -> None:
         fired = torch.zeros_like(self.steps_since_fired, dtype=torch.bool)
         fired[latents.col_indices[latents.values > 0]] = True
+        fired = self.collective.any_(fired)
         self.steps_since_fired.add_(1).masked_fill_(fired, 0)
 
     def _plan_reinit(self, x: Tensor, recon: Tensor) -> None:
@@ -138,11 +140,13 @@ class TopKSAE(TopKFamily):
         due = (self.steps_since_fired >= self.cfg.dead_reinit_steps).nonzero().squeeze(1)
         if due.numel() == 0:
             return
+        # The global batch's worst rows (stable: equal norms in batch order, at any W).
+        coll = self.collective
         residual = x - recon
         norms = residual.norm(dim=1)
-        worst = norms.argsort(descending=True)
-        pick = worst[torch.arange(due.numel(), device=x.device) % x.shape[0]]
-        directions = residual[pick] / norms[pick, None].clamp_min(1e-12)
+        worst = coll.cat_rows(norms).argsort(descending=True, stable=True)
+        pick = worst[torch.arange(due.numel(), device=x.device) % worst.numel()]
+        directions = coll.rows_at(residual / norms[:, None].clamp_min(1e-12), pick)
         self._pending_reinit = (due, directions)
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import optuna
 import ray
@@ -95,7 +96,24 @@ def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
     from monoray.train.config import TrainConfig
 
     dim = splits.train.dim
-    check_extreme_points(space, lambda params: TrainConfig.from_dict({**params, "d_in": dim}))
+    workers = space.resources.workers
+
+    def build(params: dict[str, Any]) -> TrainConfig:
+        cfg = TrainConfig.from_dict({**params, "d_in": dim})
+        if workers >= 2:
+            from monoray.train.workers import check_workers
+
+            where = f"data.features {space.data.features}"
+            check_workers(
+                cfg,
+                len(splits.train),
+                workers=workers,
+                gpu_per_worker=space.resources.gpu,
+                where=where,
+            )
+        return cfg
+
+    check_extreme_points(space, build)
 
 
 def check_resources(space: SweepSpace) -> None:
@@ -105,6 +123,11 @@ def check_resources(space: SweepSpace) -> None:
         from monoray.finetune.trial import trial_demand
 
         demand = trial_demand(space)  # Train workers plus the trial function
+    elif space.resources.workers >= 2:
+        from monoray.train.workers import DRIVER_CPU
+
+        r = space.resources
+        demand = (DRIVER_CPU + r.workers * r.cpu, r.workers * r.gpu)
     for key, wanted in zip(("cpu", "gpu"), demand, strict=True):
         have = float(total.get(key.upper(), 0.0))
         if wanted > have:
@@ -173,6 +196,12 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     progress = SweepProgress(space.budget.num_samples, space.metric_names, enabled=opts.progress)
     if splits is None:  # kind: finetune; Train runs persist next to the Tune trials
         trainable = finetune_trainable(space, storage=exp_dir / "train-runs")
+    elif space.resources.workers >= 2:  # Train workers open the data themselves
+        from monoray.train.workers import sae_workers_trainable
+
+        trainable = sae_workers_trainable(
+            space, d_in=splits.train.dim, storage=exp_dir / "train-runs"
+        )
     else:
         trainable = tune.with_resources(
             tune.with_parameters(sae_trial, splits=splits),

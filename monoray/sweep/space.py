@@ -108,7 +108,7 @@ class Resources:
     gpu: float = 0.0
     """Fractional GPUs are logical: trials share the device, Ray does not partition it."""
     workers: int = 0
-    """Ray Train workers per trial (finetune); 0 runs the trial in-process."""
+    """Ray Train workers per trial; 0 runs the trial in-process (sae: 1 too)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,6 +161,19 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="W",
+        help="Ray Train workers sharing each batch (same result as one process); 0/1: in-process",
+    )
+    parser.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (NCCL)"
+    )
+    parser.add_argument(
+        "--address", default=None, metavar="ADDR", help="Ray cluster (default: start a local one)"
+    )
     _config_flags(parser)
     parser.set_defaults(run=run)
 
@@ -244,13 +257,27 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "expansion", None) is not None and args.d_sae is None:
         flat.pop("d_sae")  # --expansion on the command line beats the base config's d_sae
     cfg = TrainConfig.from_dict(flat)
-    metrics = train_sae(
-        cfg,
-        splits,
-        out_dir=args.out,
-        resume=args.resume,
-        progress=False if args.no_progress else None,
-    )
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
+    if args.workers >= 2:
+        import sys
+
+        from monoray.train.trainer import DivergedError
+        from monoray.train.workers import WorkersFailed, run_workers
+
+        try:
+            metrics = run_workers(cfg, data, splits, args)
+        except (WorkersFailed, DivergedError) as err:
+            print(f"monoray train: error: {err}", file=sys.stderr)
+            return 1
+    else:
+        metrics = train_sae(
+            cfg,
+            splits,
+            out_dir=args.out,
+            resume=args.resume,
+            progress=False if args.no_progress else None,
+        )
     keys = ("r2", "explained_variance", "l0", "dead_fraction", "monoscore_mean")
     keys += ("monoscore_mean_active", "monoscore_median", "purity_binary", "purity_weighted")
     width = max(map(len, keys))

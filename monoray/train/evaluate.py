@@ -31,6 +31,7 @@ from monoray.metrics import (
 )
 from monoray.metrics._checks import raise_nonfinite
 from monoray.sae import SparseAutoencoder, SparseLatents
+from monoray.sae.collective import LOCAL, Collective
 
 VAL_KEYS = (
     "r2",
@@ -120,6 +121,7 @@ def evaluate(
     device: torch.device | str | None = None,
     normalize: str = "unit",
     collect: Sequence[int] | None = None,
+    collective: Collective = LOCAL,
 ) -> EvalResult:
     """All validation metrics of `sae` on `split` in one pass (see `VAL_KEYS`).
 
@@ -127,7 +129,9 @@ def evaluate(
     on every sample are returned in `EvalResult.collected` (for `inspect`).
     The SAE is only read: `encode` and `decode`, no mode switch. Raises
     `NonFiniteOutputError` when the SAE's output is not finite (a divergence)
-    and `InputError` for bad inputs.
+    and `InputError` for bad inputs. With a `collective` of W ranks each rank
+    evaluates a contiguous shard and every accumulator is merged over the ranks
+    (the same result on every rank).
     """
     device = torch.device(device) if device is not None else next(sae.parameters()).device
     n, d = split.features.shape
@@ -136,7 +140,7 @@ def evaluate(
     recon_acc = ReconstructionAccumulator(d, m, device=device)
     labels = split.labels
     purity = None
-    if labels is not None and len(labels):
+    if labels is not None and len(labels):  # classes of the whole split, on every rank
         purity = ClassPurityAccumulator(m, int(labels.max()) + 1, device=device)
     fire = torch.zeros(m, dtype=torch.int64, device=device)
     chosen = None
@@ -146,8 +150,9 @@ def evaluate(
             len(collect), device=device
         )
         collected = np.zeros((n, len(collect)), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
+    lo, hi = collective.val_rows(n)
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
         x_raw = as_tensor(split.features[start:stop], np.float32)
         x_raw = x_raw.to(device)
         if not bool(torch.isfinite(x_raw).all()):  # bad data, not a divergence
@@ -175,6 +180,11 @@ def evaluate(
             block[rows[keep], j[keep]] = lat.values[pos][keep].float()
             collected[start:stop] = block.cpu().numpy()
 
+    if collective.size > 1:
+        mono = collective.merged(mono)
+        recon_acc = collective.merged(recon_acc)
+        purity = None if purity is None else collective.merged(purity)
+        fire = collective.all_reduce(fire)
     result = mono.result()
     summary = monoscore_summary(result.scores, result.active)
     recon_metrics = recon_acc.compute()

@@ -26,8 +26,10 @@ from monoray.data.zero_rows import count_zero_rows
 from monoray.errors import InputError
 from monoray.runs.outcome import DivergedError, write_metrics
 from monoray.sae import build_sae
+from monoray.sae.collective import Collective
 from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
 from monoray.train.config import TrainConfig
+from monoray.train.distributed import check_shards
 from monoray.train.evaluate import (
     EvalResult,
     NonFiniteOutputError,
@@ -39,8 +41,9 @@ from monoray.train.schedule import Schedule, length_dependent
 
 log = logging.getLogger(__name__)
 
-OnEpoch = Callable[[int, dict[str, Any], Path], None]
-"""`on_epoch(epoch, metrics, checkpoint_dir)`, called after each epoch's checkpoint is written."""
+OnEpoch = Callable[[int, dict[str, Any], Path | None], None]
+"""`on_epoch(epoch, metrics, checkpoint_dir)`, called after each epoch's checkpoint is written
+(checkpoint_dir is None on ranks other than 0)."""
 
 PROFILE_FILE = "monoscore_profile.png"
 RESUME_MAY_DIFFER = ("epochs", "device", "eval_batch_size")
@@ -147,6 +150,10 @@ def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
             )
 
 
+def _not_rank0(*_: Any, **__: Any) -> None:
+    """Checkpoints are rank 0's: other ranks write nothing."""
+
+
 def write_outputs(out_dir: Path, metrics: dict[str, float], result: EvalResult | None) -> None:
     """Write `metrics.json` (finite metrics only) and, given a result, the MonoScore profile PNG."""
     write_metrics(out_dir, metrics)
@@ -166,6 +173,7 @@ def train_sae(
     on_epoch: OnEpoch | None = None,
     progress: bool | None = None,
     keep_checkpoints: int = 2,
+    collective: Collective | None = None,
 ) -> dict[str, float]:
     """Train an SAE on `splits.train`, evaluating `splits.val` after every epoch.
 
@@ -179,6 +187,12 @@ def train_sae(
     (`train_*`) and val metrics (`r2`, `explained_variance`, `l0`,
     `dead_fraction`, `monoscore_*`, `purity_*`). Raises `DivergedError` if
     the loss becomes NaN/inf, `InputError` for bad inputs.
+
+    `collective` (`monoray.sae.collective.Ranks`) runs this as one of W
+    torch.distributed ranks: each global batch is the one a single process
+    draws, split by rank, and the result equals the single-process run (see
+    `monoray.train.distributed`); rank 0 alone writes checkpoints and outputs,
+    other ranks get `on_epoch(..., None)`.
     """
     out_dir = Path(out_dir)
     where = splits.source.features if splits.source is not None else "features"
@@ -193,6 +207,10 @@ def train_sae(
 
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae).to(device)
+    if collective is not None:
+        sae.collective = collective
+    coll = sae.collective
+    main = coll.rank == 0
     # One fused kernel for all parameters (paper-size CPU step: monoray/sae/PERFORMANCE.md).
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
@@ -226,9 +244,13 @@ def train_sae(
 
     batches = _Batches(splits.train.features, device)
     n, bs = batches.n, cfg.batch_size
+    if coll.size > 1:
+        check_shards(n, bs, coll.size, where=where)
     steps_per_epoch = math.ceil(n / bs)
     schedule = Schedule.of(cfg, steps_per_epoch)
-    bar = _progress_bar(cfg.epochs * steps_per_epoch, start * steps_per_epoch, progress)
+    bar = _progress_bar(
+        cfg.epochs * steps_per_epoch, start * steps_per_epoch, progress if main else False
+    )
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
             generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
@@ -238,7 +260,7 @@ def train_sae(
             sums: dict[str, torch.Tensor] = {}
             first_bad = torch.full((), -1, dtype=torch.long, device=device)
             for b in range(steps_per_epoch):
-                x_raw = batches.get(perm[b * bs : (b + 1) * bs])
+                x_raw = batches.get(coll.shard(perm[b * bs : (b + 1) * bs]))
                 x = normalize_inputs(x_raw, cfg.normalize)
                 try:
                     out = sae.forward_train(x, x_raw)
@@ -255,6 +277,7 @@ def train_sae(
                 loss = terms.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                coll.sum_grads(sae.parameters())
                 sae.before_optimizer_step()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -273,7 +296,10 @@ def train_sae(
                     bar.step()
             # One host sync per epoch: the summed loss terms and the first bad step together.
             keys = list(sums)
-            packed = torch.stack([*(sums[k] for k in keys), first_bad.to(torch.float64)]).cpu()
+            first_bad = coll.all_reduce(torch.where(first_bad < 0, step + 1, first_bad), "min")
+            first_bad = torch.where(first_bad > step, -1, first_bad)
+            totals = coll.all_reduce(torch.stack([sums[k] for k in keys]))
+            packed = torch.cat([totals, first_bad.to(torch.float64)[None]]).cpu()
             bad_step = int(packed[-1])
             if bad_step >= 0:
                 raise DivergedError(
@@ -291,6 +317,7 @@ def train_sae(
                     batch_size=cfg.eval_batch_size,
                     device=device,
                     normalize=cfg.normalize,
+                    collective=coll,
                 )
             except NonFiniteOutputError as err:
                 raise DivergedError(
@@ -301,7 +328,7 @@ def train_sae(
             metrics = {**train, **last_eval.metrics, **zero_rows.metrics()}
             metrics |= {"epoch": float(epoch), "step": float(step)}
             history.append(metrics)
-            ckpt_dir = save_checkpoint(
+            ckpt_dir = (save_checkpoint if main else _not_rank0)(
                 out_dir / CHECKPOINTS,
                 epoch=epoch,
                 step=step,
@@ -329,6 +356,8 @@ def train_sae(
     if not history:
         raise InputError(f"{out_dir}/: nothing to train (epochs={cfg.epochs})")
     final = history[-1]
+    if not main:
+        return final
     if last_eval is None and ckpt is not None and "monoscore" in ckpt.eval_tensors:
         last_eval = EvalResult.from_tensors(final, ckpt.eval_tensors)
     write_outputs(out_dir, final, last_eval)

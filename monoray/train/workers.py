@@ -1,0 +1,340 @@
+"""SAE runs on W Ray Train workers: the worker loop, the `TorchTrainer` launcher, the Tune trial.
+
+The model is the finetune multi-worker path (`monoray.finetune.trial`):
+
+- `sae_worker_loop` is `train_loop_per_worker`: every worker opens the data
+  itself (a feature store is memory-mapped, so a worker reads only its rows),
+  resumes from `ray.train.get_checkpoint()` after a worker failure and runs
+  `train_sae(..., collective=Ranks())` in the process group Ray Train set up
+  (gloo on CPU, NCCL on GPU); rank 0 attaches each epoch's checkpoint, every
+  rank reports, as Train needs.
+- `fit_sae_workers` builds and runs the `TorchTrainer` (checkpoints in
+  `storage_path/name`; `FailureConfig(max_failures)` restarts the worker
+  group from the last checkpoint).
+- `sae_workers_trial` is the Tune function trainable of a `kind: sae` space
+  with `resources.workers >= 2`: one Optuna trial and one MLflow run, fed by
+  `TuneReportCallback` every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monoray.errors import InputError
+from monoray.train.config import TrainConfig
+
+PROFILE_JSON = "monoscore_profile.json"
+"""Sorted per-latent MonoScore in each reported checkpoint (read by the Pareto plots)."""
+DRIVER_CPU = 1.0
+"""CPUs the Tune trial function holds while its Train workers run (it only waits and relays)."""
+
+
+def data_spec(
+    features: str | Path,
+    val_features: str | Path | None = None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    subset: int | None = None,
+) -> dict[str, Any]:
+    """How workers open the data: absolute paths (Train workers run in their own cwd)."""
+
+    def absolute(p: str | Path | None) -> str | None:
+        if p is None or str(p) == "digits":
+            return None if p is None else "digits"
+        return str(Path(p).expanduser().resolve())
+
+    return {
+        "features": absolute(features),
+        "val_features": absolute(val_features),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "subset": subset,
+    }
+
+
+def open_data(spec: dict[str, Any], d_in: int | None = None) -> Any:
+    """The `FeatureSplits` of a `data_spec` (memory-mapped for a feature store)."""
+    from monoray.data import load_features
+
+    splits = load_features(
+        spec["features"],
+        val_source=spec["val_features"],
+        seed=spec["seed"],
+        val_fraction=spec["val_fraction"],
+        d_in=d_in,
+    )
+    return splits if spec["subset"] is None else splits.head(spec["subset"])
+
+
+def check_workers(
+    cfg: TrainConfig, n_train: int, *, workers: int, gpu_per_worker: float, where: str
+) -> None:
+    """Bad input before anything starts: shards, and a CUDA device without GPUs per worker."""
+    from monoray.train.distributed import check_shards
+
+    check_shards(n_train, cfg.batch_size, workers, where=where)
+    if cfg.device.startswith("cuda") and gpu_per_worker <= 0:
+        raise InputError(
+            f"device {cfg.device} (NCCL) needs a GPU per Train worker: "
+            "give --gpus-per-worker / resources.gpu, or device cpu"
+        )
+
+
+def check_placement(
+    workers: int, cpu_per_worker: float, gpu_per_worker: float, extra_cpu: float = 0.0
+) -> None:
+    """Raise `InputError` if the connected Ray cluster cannot place the workers at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    for key, wanted in (
+        ("CPU", extra_cpu + workers * cpu_per_worker),
+        ("GPU", workers * gpu_per_worker),
+    ):
+        have = float(total.get(key, 0.0))
+        if wanted > have:
+            raise InputError(
+                f"{workers} workers need {wanted:g} {key} but the Ray cluster has {have:g}: "
+                f"use fewer workers or a larger cluster"
+            )
+
+
+def sae_worker_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker`: config = {"train": flat TrainConfig, "data": data_spec,
+    "out_dir": rank 0's run directory or None, "resume_from": a checkpoint or None}."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from monoray.finetune.trial import _write_status as write_status
+    from monoray.finetune.trial import checkpoint_epoch
+    from monoray.sae.collective import Ranks
+    from monoray.train.trainer import DivergedError, train_sae
+
+    cfg = TrainConfig.from_dict(config["train"])
+    rank = ray.train.get_context().get_world_rank()
+    device = torch.device("cpu") if cfg.device == "cpu" else ray.train.torch.get_device()
+    if device.type == "cuda":
+        cfg = TrainConfig.from_dict({**config["train"], "device": str(device)})
+    splits = open_data(config["data"], d_in=cfg.sae.d_in)
+    work = Path(tempfile.mkdtemp(prefix=f"monoray-sae-rank{rank}-"))
+    out_dir = Path(config["out_dir"]) if config.get("out_dir") and rank == 0 else work / "run"
+    resume_from = config.get("resume_from")
+    resumed = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_from = Path(checkpoint.to_directory(str(work / "restored")))
+        resumed = checkpoint_epoch(resume_from)
+    status_dir = config.get("status_dir")
+    write_status(status_dir, rank, epoch=resumed, resumed_from_epoch=resumed)
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from monoray.finetune.trial import epoch_report
+
+        report = epoch_report(epoch, metrics, None, resumed)
+        ckpt = None
+        if checkpoint_dir is not None:
+            profile = metrics.get("monoscore_profile") or []
+            (checkpoint_dir / PROFILE_JSON).write_text(json.dumps(list(profile)))
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        if status_dir is not None:  # after Train registered the report (see finetune.trial)
+            ray.train.get_all_reported_checkpoints()
+            write_status(status_dir, rank, epoch=epoch, resumed_from_epoch=resumed)
+
+    try:
+        train_sae(
+            cfg,
+            splits,
+            out_dir=out_dir,
+            resume_from=resume_from,
+            on_epoch=on_epoch,
+            progress=False,
+            collective=Ranks(device=device),
+        )
+    except DivergedError as err:
+        # Every rank raises together (the check is all-reduced): one report each.
+        ray.train.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fit_sae_workers(
+    cfg: TrainConfig,
+    data: dict[str, Any],
+    *,
+    workers: int,
+    storage_path: str | Path,
+    name: str,
+    cpu_per_worker: float = 1.0,
+    gpu_per_worker: float = 0.0,
+    max_failures: int = 2,
+    callbacks: Sequence[Any] = (),
+    out_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    status_dir: str | Path | None = None,
+) -> Any:
+    """Train `cfg` on `workers` Ray Train workers; returns the `ray.train.Result`.
+
+    `out_dir`: rank 0's run directory (else a temporary one); `resume_from`: a
+    checkpoint (directory of them) to start from when Train has none of its own;
+    `status_dir`: each rank's pid and last registered epoch (`rank-R.json`).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpu_per_worker}
+    if gpu_per_worker > 0:
+        resources["GPU"] = gpu_per_worker
+    trainer = TorchTrainer(
+        sae_worker_loop,
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "data": data,
+            "out_dir": None if out_dir is None else str(out_dir),
+            "resume_from": None if resume_from is None else str(resume_from),
+            "status_dir": None if status_dir is None else str(status_dir),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpu_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
+    return trainer.fit()
+
+
+def sae_workers_trial(
+    config: dict[str, Any],
+    *,
+    data: dict[str, Any],
+    d_in: int,
+    storage: str,
+    workers: int,
+    cpu_per_worker: float,
+    gpu_per_worker: float,
+    max_failures: int,
+) -> None:
+    """Tune function trainable of a `kind: sae` space with `resources.workers >= 2`."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from monoray.sweep.trial import trial_params
+
+    cfg = TrainConfig.from_dict({**trial_params(config), "d_in": d_in})
+    result = fit_sae_workers(
+        cfg,
+        data,
+        workers=workers,
+        storage_path=storage,
+        name=f"trial-{tune.get_context().get_trial_id()}",
+        cpu_per_worker=cpu_per_worker,
+        gpu_per_worker=gpu_per_worker,
+        max_failures=max_failures,
+        callbacks=[TuneReportCallback()],
+    )
+    final = dict(result.metrics or {})
+    if result.checkpoint is None:
+        tune.report(final)
+    else:
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(result.checkpoint.path))
+
+
+def sae_workers_trainable(space: Any, *, d_in: int, storage: Path) -> Any:
+    """The Tune trainable of an SAE space with workers; `resources.cpu` / `gpu` are per worker."""
+    from ray import tune
+
+    r = space.resources
+    d = space.data
+    fn = tune.with_parameters(
+        sae_workers_trial,
+        data=data_spec(d.features, d.val_features, subset=d.subset),
+        d_in=d_in,
+        storage=str(storage),
+        workers=r.workers,
+        cpu_per_worker=r.cpu,
+        gpu_per_worker=r.gpu,
+        max_failures=space.budget.max_failures,
+    )
+    return tune.with_resources(fn, {"cpu": DRIVER_CPU, "gpu": 0})
+
+
+def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) -> dict[str, float]:
+    """`monoray train --workers W`: the run directory ends as an in-process run's (rank 0
+    writes `checkpoints/`, `metrics.json` and the profile), so W' workers or a local run
+    can `--resume` it. A failed worker group is one line and exit 1."""
+    import ray.train
+
+    from monoray.sweep.runner import start_ray
+    from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
+    from monoray.train.evaluate import EvalResult
+    from monoray.train.trainer import METRICS_FILE, DivergedError, write_outputs
+
+    where = str(data["features"])
+    check_workers(
+        cfg,
+        len(splits.train),
+        workers=args.workers,
+        gpu_per_worker=args.gpus_per_worker,
+        where=where,
+    )
+    out: Path = args.out.resolve()
+    if not args.resume and (out / CHECKPOINTS).exists():
+        raise InputError(f"{out}/: holds a run already; pass --resume to continue it")
+    spec = data_spec(
+        data["features"], data["val_features"], seed=data["seed"], val_fraction=data["val_fraction"]
+    )
+    start_ray(args.address)
+    check_placement(args.workers, 1.0, args.gpus_per_worker)
+    resume_from, name = None, "train"
+    last = load_checkpoint(out / CHECKPOINTS, with_optimizer=False) if args.resume else None
+    if last is not None:
+        # A Train run of its own: Train would otherwise restore its older checkpoints of an
+        # earlier run (say epoch 1 at W = 2) over a newer local one (epoch 2 at W = 1).
+        resume_from, name = out / CHECKPOINTS, f"train-from-epoch-{last.epoch:04d}"
+    try:
+        result = fit_sae_workers(
+            cfg,
+            spec,
+            workers=args.workers,
+            storage_path=out / "ray",
+            name=name,
+            gpu_per_worker=args.gpus_per_worker,
+            out_dir=out,
+            resume_from=resume_from,
+            status_dir=out / "workers",
+        )
+    except ray.train.TrainingFailedError as err:
+        raise WorkersFailed(f"a Train worker failed: {_last_line(err)}") from None
+    metrics = dict(result.metrics or {})
+    if metrics.get("diverged"):
+        raise DivergedError(str(metrics.get("diverged_reason", "diverged")))
+    if result.error is not None:
+        raise WorkersFailed(f"a Train worker failed: {_last_line(result.error)}")
+    if not (out / METRICS_FILE).exists() and result.checkpoint is not None:  # rank 0 elsewhere
+        ckpt = load_checkpoint(result.checkpoint.path, with_optimizer=False)
+        if ckpt is not None:
+            final = ckpt.history[-1]
+            write_outputs(out, final, EvalResult.from_tensors(final, ckpt.eval_tensors))
+    final_ckpt = load_checkpoint(out / CHECKPOINTS, with_optimizer=False)
+    return final_ckpt.history[-1] if final_ckpt is not None else metrics
+
+
+class WorkersFailed(RuntimeError):
+    """A worker group failed beyond its restarts (the message is one line)."""
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
