@@ -195,6 +195,19 @@ def test_finetune_workers_to_an_unused_port_fails_in_one_line(
 
 
 @pytest.mark.timeout(240)
+def test_train_workers_to_an_unused_port_fails_in_one_line(tmp_path, ray_tmpdir) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["train", "--arch", "batchtopk", "--features", "digits", "--k", "4", "--d-sae", "32"]
+    args += ["--epochs", "1", "--workers", "2", "--address", address, "--out", str(work / "run")]
+    done = monoray(args, work, ray_tmpdir)
+    assert_one_line_exit_2(done, f"--address {address}", "Connection refused")
+    assert done.stderr.startswith("monoray train: error: ")
+    assert_nothing_created(work)
+
+
+@pytest.mark.timeout(240)
 def test_extract_to_an_unused_port_fails_in_one_line(tmp_path, ray_tmpdir) -> None:
     address = f"127.0.0.1:{free_port()}"
     args = ["extract", "--encoder", "vit-ti16", "--random-init", "--images", "digits"]

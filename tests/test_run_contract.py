@@ -222,3 +222,61 @@ def test_two_worker_trial_that_diverges_is_one_failed_trial(
     assert not list(result.ray_dir.glob("**/error.txt"))
     (train_run,) = (result.ray_dir / "train-runs").glob("trial-*")
     assert sorted(p.name for p in train_run.glob("epoch-*")) == ["epoch-0001"]
+
+
+SAE_DIVERGE = ["train", "--arch", "batchtopk", "--features", "digits", "--k", "8", "--d-sae", "128"]
+SAE_DIVERGE += ["--epochs", "2", "--batch-size", "2000", "--lr", "1e16", "--no-progress"]
+
+
+@pytest.mark.timeout(600)
+def test_sae_workers_divergence_is_one_line_exit_3_and_keeps_finished_epochs(
+    ray_session, tmp_path, capsys
+):
+    out = tmp_path / "sae-w2"
+    rc = main([*SAE_DIVERGE, "--workers", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    line = _assert_diverged(rc, captured.err, "train")
+    assert captured.err == line + "\n"
+    assert _epochs(out) == ["epoch-0001"]
+    assert not (out / METRICS_FILE).exists()
+
+
+SAE_SPACE = """
+name: sae-diverge
+kind: sae
+data: {features: digits}
+fixed: {arch: batchtopk, k: 8, d_sae: 128, epochs: 2, batch_size: 2000, lr: 1.0e16, device: cpu}
+search:
+  mono_coef: {type: categorical, choices: [0.0]}
+sampler: {type: random, seed: 0}
+baseline: false
+budget: {num_samples: 1, max_concurrent: 1, max_failures: 1}
+resources: {cpu: 1, workers: 2}
+"""
+
+
+@pytest.mark.timeout(600)
+def test_two_worker_sae_trial_that_diverges_is_one_failed_trial(ray_session, project, tmp_path):
+    from monoray.sweep.runner import SweepOptions, run_sweep
+    from monoray.sweep.search import FAIL_ATTR
+    from monoray.sweep.space import load_space
+    from monoray.sweep.tracking import ERROR_TAG
+
+    path = tmp_path / "sae.yaml"
+    path.write_text(SAE_SPACE)
+    result = run_sweep(load_space(path), SweepOptions(name="sae-diverge", progress=False))
+    assert (result.n_complete, result.n_failed, result.interrupted) == (0, 1, False)
+
+    import optuna
+
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL
+    reason = trial.user_attrs[FAIL_ATTR]
+    assert reason.startswith("diverged: ") and "epoch 2" in reason, reason
+    client = MlflowClient(result.tracking_uri)
+    (run,) = client.search_runs(
+        [result.experiment_id], filter_string="tags.`monoray.role` = 'trial'"
+    )
+    assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG] == reason
+    assert not list(result.ray_dir.glob("**/error.txt"))  # not retried

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monoray.errors import InputError
+from monoray.runs.cluster import add_address_arg
 
 if TYPE_CHECKING:
     from monoray.data import FeatureSplits
@@ -171,9 +172,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (NCCL)"
     )
-    parser.add_argument(
-        "--address", default=None, metavar="ADDR", help="Ray cluster (default: start a local one)"
-    )
+    add_address_arg(parser)
     _config_flags(parser)
     parser.set_defaults(run=run)
 
@@ -260,16 +259,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
     if args.workers >= 2:
-        import sys
+        from monoray.train.workers import run_workers
 
-        from monoray.train.trainer import DivergedError
-        from monoray.train.workers import WorkersFailed, run_workers
-
-        try:
-            metrics = run_workers(cfg, data, splits, args)
-        except (WorkersFailed, DivergedError) as err:
-            print(f"monoray train: error: {err}", file=sys.stderr)
-            return 1
+        metrics = run_workers(cfg, data, splits, args)
     else:
         metrics = train_sae(
             cfg,

@@ -41,6 +41,7 @@ def data_spec(
     seed: int = 0,
     val_fraction: float = 0.2,
     subset: int | None = None,
+    zero_rows: str = "keep",
 ) -> dict[str, Any]:
     """How workers open the data: absolute paths (Train workers run in their own cwd)."""
 
@@ -55,6 +56,7 @@ def data_spec(
         "seed": seed,
         "val_fraction": val_fraction,
         "subset": subset,
+        "zero_rows": zero_rows,
     }
 
 
@@ -68,6 +70,7 @@ def open_data(spec: dict[str, Any], d_in: int | None = None) -> Any:
         seed=spec["seed"],
         val_fraction=spec["val_fraction"],
         d_in=d_in,
+        zero_rows=spec["zero_rows"],
     )
     return splits if spec["subset"] is None else splits.head(spec["subset"])
 
@@ -105,24 +108,32 @@ def check_placement(
             )
 
 
-def sae_worker_loop(config: dict[str, Any]) -> None:
+def sae_worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     """`train_loop_per_worker`: config = {"train": flat TrainConfig, "data": data_spec,
-    "out_dir": rank 0's run directory or None, "resume_from": a checkpoint or None}."""
+    "out_dir": rank 0's run directory or None, "resume_from": a checkpoint or None}.
+
+    Returns this rank's `failure_report` of a divergence or bad input (the run
+    contract, `monoray.runs.outcome`), else None."""
     import ray.train
     import ray.train.torch
     import torch
 
+    from monoray.errors import InputError
     from monoray.finetune.trial import _write_status as write_status
     from monoray.finetune.trial import checkpoint_epoch
+    from monoray.runs.outcome import DivergedError, failure_report
     from monoray.sae.collective import Ranks
-    from monoray.train.trainer import DivergedError, train_sae
+    from monoray.train.trainer import train_sae
 
     cfg = TrainConfig.from_dict(config["train"])
     rank = ray.train.get_context().get_world_rank()
     device = torch.device("cpu") if cfg.device == "cpu" else ray.train.torch.get_device()
     if device.type == "cuda":
         cfg = TrainConfig.from_dict({**config["train"], "device": str(device)})
-    splits = open_data(config["data"], d_in=cfg.sae.d_in)
+    try:
+        splits = open_data(config["data"], d_in=cfg.sae.d_in)
+    except InputError as err:  # every rank reads the same data: all fail together
+        return failure_report(err, rank)
     work = Path(tempfile.mkdtemp(prefix=f"monoray-sae-rank{rank}-"))
     out_dir = Path(config["out_dir"]) if config.get("out_dir") and rank == 0 else work / "run"
     resume_from = config.get("resume_from")
@@ -158,11 +169,11 @@ def sae_worker_loop(config: dict[str, Any]) -> None:
             progress=False,
             collective=Ranks(device=device),
         )
-    except DivergedError as err:
-        # Every rank raises together (the check is all-reduced): one report each.
-        ray.train.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
+    except (DivergedError, InputError) as err:
+        return failure_report(err, rank)  # every rank gets here together (all-reduced checks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return None
 
 
 def fit_sae_workers(
@@ -244,6 +255,10 @@ def sae_workers_trial(
         max_failures=max_failures,
         callbacks=[TuneReportCallback()],
     )
+    if result.return_value is not None:
+        # A finished result without objectives: FAILED once in Optuna and MLflow, not retried.
+        tune.report(dict(result.return_value))
+        return
     final = dict(result.metrics or {})
     if result.checkpoint is None:
         tune.report(final)
@@ -273,13 +288,15 @@ def sae_workers_trainable(space: Any, *, d_in: int, storage: Path) -> Any:
 def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) -> dict[str, float]:
     """`monoray train --workers W`: the run directory ends as an in-process run's (rank 0
     writes `checkpoints/`, `metrics.json` and the profile), so W' workers or a local run
-    can `--resume` it. A failed worker group is one line and exit 1."""
+    can `--resume` it. A failure on any rank ends the run as `check_outcome` says
+    (divergence: exit 3, bad input: 2, anything else: 1; one line each)."""
     import ray.train
 
-    from monoray.sweep.runner import start_ray
+    from monoray.runs.cluster import start_ray
+    from monoray.runs.outcome import METRICS_FILE, RunFailedError, check_outcome
     from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
     from monoray.train.evaluate import EvalResult
-    from monoray.train.trainer import METRICS_FILE, DivergedError, write_outputs
+    from monoray.train.trainer import write_outputs
 
     where = str(data["features"])
     check_workers(
@@ -293,7 +310,11 @@ def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) 
     if not args.resume and (out / CHECKPOINTS).exists():
         raise InputError(f"{out}/: holds a run already; pass --resume to continue it")
     spec = data_spec(
-        data["features"], data["val_features"], seed=data["seed"], val_fraction=data["val_fraction"]
+        data["features"],
+        data["val_features"],
+        seed=data["seed"],
+        val_fraction=data["val_fraction"],
+        zero_rows=data["zero_rows"],
     )
     start_ray(args.address)
     check_placement(args.workers, 1.0, args.gpus_per_worker)
@@ -315,26 +336,17 @@ def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) 
             resume_from=resume_from,
             status_dir=out / "workers",
         )
+        report, error = result.return_value, result.error
     except ray.train.TrainingFailedError as err:
-        raise WorkersFailed(f"a Train worker failed: {_last_line(err)}") from None
-    metrics = dict(result.metrics or {})
-    if metrics.get("diverged"):
-        raise DivergedError(str(metrics.get("diverged_reason", "diverged")))
-    if result.error is not None:
-        raise WorkersFailed(f"a Train worker failed: {_last_line(result.error)}")
+        result, report, error = None, None, err
+    check_outcome(report, error)  # a failure on any rank: one line, exit 3 / 2 / 1
+    assert result is not None
     if not (out / METRICS_FILE).exists() and result.checkpoint is not None:  # rank 0 elsewhere
         ckpt = load_checkpoint(result.checkpoint.path, with_optimizer=False)
         if ckpt is not None:
             final = ckpt.history[-1]
             write_outputs(out, final, EvalResult.from_tensors(final, ckpt.eval_tensors))
     final_ckpt = load_checkpoint(out / CHECKPOINTS, with_optimizer=False)
-    return final_ckpt.history[-1] if final_ckpt is not None else metrics
-
-
-class WorkersFailed(RuntimeError):
-    """A worker group failed beyond its restarts (the message is one line)."""
-
-
-def _last_line(err: BaseException) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    if final_ckpt is None:
+        raise RunFailedError("the workers finished without a checkpoint")
+    return final_ckpt.history[-1]
