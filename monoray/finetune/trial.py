@@ -21,9 +21,6 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -31,43 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from monoray.finetune.config import FinetuneConfig
-
-PROFILE_FILE = "monoscore_profile.json"
-"""Per-latent sorted MonoScore, written into each checkpoint (read by the Pareto plots)."""
-
-
-def _reportable(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def epoch_report(
-    epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None, resumed_from: int
-) -> dict[str, Any]:
-    """The numbers reported for one epoch; writes the MonoScore profile into the checkpoint."""
-    report = {k: v for k, v in metrics.items() if _reportable(v)}
-    report["epoch"] = epoch
-    report["resumed_from_epoch"] = resumed_from
-    if checkpoint_dir is not None:
-        profile = metrics.get("monoscore_profile") or []
-        (checkpoint_dir / PROFILE_FILE).write_text(json.dumps(list(profile)))
-    return report
-
-
-def checkpoint_epoch(path: Path) -> int:
-    """Epoch recorded in a restored checkpoint directory."""
-    return int(json.loads((path / "checkpoint.json").read_text())["epoch"])
-
-
-def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
-    """`status_dir/rank-R.json`: this worker's pid, the epoch of its last registered checkpoint
-    and the epoch it resumed from (for operators and fault tests)."""
-    if status_dir is None:
-        return
-    from monoray.data.store import atomic_write_bytes
-
-    Path(status_dir).mkdir(parents=True, exist_ok=True)
-    record = {"rank": rank, "pid": os.getpid(), **fields}
-    atomic_write_bytes(Path(status_dir) / f"rank-{rank}.json", json.dumps(record).encode())
+from monoray.runs.workers import checkpoint_epoch, epoch_report, fit_torch_workers, write_status
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -98,7 +59,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is not None:
         resume_from = Path(checkpoint.to_directory(str(work / "restored")))
         resumed = checkpoint_epoch(resume_from)
-    _write_status(status_dir, rank, epoch=resumed, resumed_from_epoch=resumed)
+    write_status(status_dir, rank, epoch=resumed, resumed_from_epoch=resumed)
 
     def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         report = epoch_report(epoch, metrics, checkpoint_dir, resumed)
@@ -110,7 +71,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             # Blocks until Train has registered the report: a status file's epoch is then
             # a checkpoint that a restarted worker group resumes from.
             ray.train.get_all_reported_checkpoints()
-            _write_status(status_dir, rank, epoch=epoch, resumed_from_epoch=resumed)
+            write_status(status_dir, rank, epoch=epoch, resumed_from_epoch=resumed)
 
     try:
         train_finetune(
@@ -145,37 +106,28 @@ def fit_distributed(
     are spent; `monoray.runs.outcome.check_outcome` turns it, or the workers'
     `Result.return_value`, into the run's outcome.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from monoray.errors import InputError
 
     if cfg.device.startswith("cuda") and gpu_per_worker <= 0:
         raise InputError(
             f"device {cfg.device} needs a GPU per Train worker (--gpus-per-worker / resources.gpu)"
         )
-    resources = {"CPU": cpu_per_worker}
-    if gpu_per_worker > 0:
-        resources["GPU"] = gpu_per_worker
-    trainer = TorchTrainer(
+    loop_config = {
+        "finetune": cfg.to_dict(),
+        "status_dir": None if status_dir is None else str(status_dir),
+        "resume_from": None if resume_from is None else str(resume_from),
+    }
+    return fit_torch_workers(
         worker_loop,
-        train_loop_config={
-            "finetune": cfg.to_dict(),
-            "status_dir": None if status_dir is None else str(status_dir),
-            "resume_from": None if resume_from is None else str(resume_from),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=gpu_per_worker > 0, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks),
-        ),
+        loop_config,
+        workers=workers,
+        storage_path=storage_path,
+        name=name,
+        cpu_per_worker=cpu_per_worker,
+        gpu_per_worker=gpu_per_worker,
+        max_failures=max_failures,
+        callbacks=callbacks,
     )
-    return trainer.fit()
 
 
 def finetune_trial(

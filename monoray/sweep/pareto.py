@@ -29,10 +29,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from monoray.runs.workers import PROFILE_JSON
 from monoray.sweep.search import BASELINE_ATTR
 from monoray.sweep.tracking import PARETO_TAG, SweepRecords
 
-PROFILE_FILE = "monoscore_profile.json"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -224,7 +224,7 @@ def load_profile(client: MlflowClient, run_id: str | None) -> list[float] | None
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(run_id, f"checkpoint/{PROFILE_FILE}", tmp)
+            path = client.download_artifacts(run_id, f"checkpoint/{PROFILE_JSON}", tmp)
         except (MlflowException, OSError):
             return None
         values = json.loads(Path(path).read_text())

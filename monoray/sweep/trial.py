@@ -9,8 +9,6 @@ the driver and shared zero-copy by every trial on a node.
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ from ray import tune
 
 from monoray.data import FeatureSplits
 from monoray.errors import InputError
-from monoray.runs.outcome import INPUT_ERROR_KEY
+from monoray.runs.outcome import failure_report
+from monoray.runs.workers import epoch_report
 from monoray.sweep.restore import restore_checkpoint
 
 
@@ -50,16 +49,11 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
     resume_from, resumed_epoch = restore_checkpoint(work / "restored")
 
-    def as_report(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        report = {k: v for k, v in metrics.items() if _reportable(v)}
-        return {**report, "epoch": epoch, "resumed_from_epoch": resumed_epoch}
-
     def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        profile = metrics.get("monoscore_profile")
-        if profile is not None:
-            (checkpoint_dir / "monoscore_profile.json").write_text(json.dumps(list(profile)))
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
-        tune.report(as_report(epoch, metrics), checkpoint=checkpoint)
+        tune.report(
+            epoch_report(epoch, metrics, checkpoint_dir, resumed_epoch), checkpoint=checkpoint
+        )
 
     try:
         final = train_sae(
@@ -73,13 +67,11 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
         if resumed_epoch >= cfg.epochs:
             # Restored at its last epoch (the driver died as the trial ended): nothing was
             # trained, so report the final result again; it ends the trial like any other.
-            tune.report(as_report(resumed_epoch, final))
-    except DivergedError as err:
+            tune.report(epoch_report(resumed_epoch, final, None, resumed_epoch))
+    except (DivergedError, InputError) as err:
         # A finished result without objectives: the searcher tells Optuna FAIL and the
-        # tracker marks the MLflow run FAILED; Tune does not retry a diverged trial.
-        tune.report({"diverged": 1, "diverged_reason": f"diverged: {err}"})
-    except InputError as err:  # bad input: FAILED with the reason, a retry would fail the same
-        tune.report({INPUT_ERROR_KEY: str(err)})
+        # tracker marks the MLflow run FAILED; Tune does not retry (it would fail the same).
+        tune.report(failure_report(err, rank=0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -96,7 +88,3 @@ def scratch_dir() -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     return work
-
-
-def _reportable(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -18,7 +18,6 @@ The model is the finetune multi-worker path (`monoray.finetune.trial`):
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -28,8 +27,6 @@ from typing import Any
 from monoray.errors import InputError
 from monoray.train.config import TrainConfig
 
-PROFILE_JSON = "monoscore_profile.json"
-"""Sorted per-latent MonoScore in each reported checkpoint (read by the Pareto plots)."""
 DRIVER_CPU = 1.0
 """CPUs the Tune trial function holds while its Train workers run (it only waits and relays)."""
 
@@ -119,9 +116,8 @@ def sae_worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import torch
 
     from monoray.errors import InputError
-    from monoray.finetune.trial import _write_status as write_status
-    from monoray.finetune.trial import checkpoint_epoch
     from monoray.runs.outcome import DivergedError, failure_report
+    from monoray.runs.workers import checkpoint_epoch, epoch_report, write_status
     from monoray.sae.collective import Ranks
     from monoray.train.trainer import train_sae
 
@@ -146,13 +142,9 @@ def sae_worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     write_status(status_dir, rank, epoch=resumed, resumed_from_epoch=resumed)
 
     def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        from monoray.finetune.trial import epoch_report
-
-        report = epoch_report(epoch, metrics, None, resumed)
+        report = epoch_report(epoch, metrics, checkpoint_dir, resumed)
         ckpt = None
         if checkpoint_dir is not None:
-            profile = metrics.get("monoscore_profile") or []
-            (checkpoint_dir / PROFILE_JSON).write_text(json.dumps(list(profile)))
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if status_dir is not None:  # after Train registered the report (see finetune.trial)
@@ -197,33 +189,26 @@ def fit_sae_workers(
     checkpoint (directory of them) to start from when Train has none of its own;
     `status_dir`: each rank's pid and last registered epoch (`rank-R.json`).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from monoray.runs.workers import fit_torch_workers
 
-    resources = {"CPU": cpu_per_worker}
-    if gpu_per_worker > 0:
-        resources["GPU"] = gpu_per_worker
-    trainer = TorchTrainer(
+    loop_config = {
+        "train": cfg.to_dict(),
+        "data": data,
+        "out_dir": None if out_dir is None else str(out_dir),
+        "resume_from": None if resume_from is None else str(resume_from),
+        "status_dir": None if status_dir is None else str(status_dir),
+    }
+    return fit_torch_workers(
         sae_worker_loop,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "data": data,
-            "out_dir": None if out_dir is None else str(out_dir),
-            "resume_from": None if resume_from is None else str(resume_from),
-            "status_dir": None if status_dir is None else str(status_dir),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=gpu_per_worker > 0, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks),
-        ),
+        loop_config,
+        workers=workers,
+        storage_path=storage_path,
+        name=name,
+        cpu_per_worker=cpu_per_worker,
+        gpu_per_worker=gpu_per_worker,
+        max_failures=max_failures,
+        callbacks=callbacks,
     )
-    return trainer.fit()
 
 
 def sae_workers_trial(
