@@ -105,6 +105,23 @@ def test_resume_reproduces_the_uninterrupted_run(digits: FeatureSplits, tmp_path
         train_sae(cfg.replace(k=9), digits, out_dir=tmp_path / "b", resume=True)
 
 
+def test_checkpoint_from_before_recon_loss_resumes_on_plain_mse(
+    digits: FeatureSplits, tmp_path: Path
+) -> None:
+    # TopK trained on plain MSE before `recon_loss` existed; its default is normalised now.
+    cfg = _cfg(digits, arch="topk", recon_loss="mse", epochs=2)
+    full = train_sae(cfg, digits, out_dir=tmp_path / "a", progress=False)
+    train_sae(cfg.replace(epochs=1), digits, out_dir=tmp_path / "b", progress=False)
+    record = tmp_path / "b" / "checkpoints" / "epoch-0001" / "checkpoint.json"
+    old = json.loads(record.read_text())
+    del old["config"]["recon_loss"]
+    record.write_text(json.dumps(old))
+    default = _cfg(digits, arch="topk", epochs=2)
+    with pytest.raises(InputError, match="recon_loss='mse', this run recon_loss='normalized_mse'"):
+        train_sae(default, digits, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert train_sae(cfg, digits, out_dir=tmp_path / "b", resume=True, progress=False) == full
+
+
 def test_matryoshka_with_explicit_prefixes_resumes(digits: FeatureSplits, tmp_path: Path) -> None:
     # Prefixes are a tuple in the config and a list in the checkpoint's JSON.
     cfg = _cfg(digits, arch="matryoshka", matryoshka_prefixes=[16, 64, 128], epochs=2)

@@ -48,6 +48,9 @@ OnEpoch = Callable[[int, dict[str, Any], Path | None], None]
 PROFILE_FILE = "monoscore_profile.png"
 RESUME_MAY_DIFFER = ("epochs", "device", "eval_batch_size")
 """Config keys a resumed run may change (nothing else may differ from the checkpoint's)."""
+BEFORE_KEY_EXISTED = {"recon_loss": "mse"}
+"""What a checkpoint written before a key existed was trained with, where that differs from the
+key's default today (every architecture trained on plain MSE before `recon_loss`)."""
 ON_DEVICE_BYTES = 1 << 30
 """Train splits held in memory and smaller than this are copied to the device once."""
 
@@ -138,7 +141,8 @@ def _progress_bar(total: int, done: int, enabled: bool | None) -> _Progress | No
 
 def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
-    then = TrainConfig.from_dict(ckpt.config).to_dict()  # keys added since: their defaults
+    # Keys added since: their defaults, unless the old behaviour differs from them.
+    then = TrainConfig.from_dict({**BEFORE_KEY_EXISTED, **ckpt.config}).to_dict()
     may_differ = set(RESUME_MAY_DIFFER) - ({"epochs"} if length_dependent(cfg) else set())
     for key in sorted(set(now) | set(then)):
         if key in may_differ:
