@@ -252,7 +252,9 @@ def test_a_live_head_is_joined_by_address_and_by_auto(tmp_path, ray_tmpdir) -> N
         assert done.returncode == 0, (address, done.stderr[-3000:])
         assert done.stdout.split() == ["3"], (address, done.stdout)
     # Without RAY_AUTH_MODE=token, Ray sends no token to an explicit address: refused, bounded.
-    done = monoray([*DEMO, "--address", f"127.0.0.1:{gcs}"], tmp_path, ray_tmpdir)
+    # A longer bound than BOUND_S: the refusal must reach Ray's log first, even under load.
+    bound = {TIMEOUT_ENV: "30"}
+    done = monoray([*DEMO, "--address", f"127.0.0.1:{gcs}"], tmp_path, ray_tmpdir, **bound)
     line = assert_one_line_exit_2(done, f"127.0.0.1:{gcs}", "refused this client's token")
     Path(line.split("Ray's log: ")[1].split(")")[0]).unlink()
     assert_nothing_created(tmp_path)
