@@ -221,8 +221,8 @@ def test_extract_to_an_unused_port_fails_in_one_line(tmp_path, ray_tmpdir) -> No
 @pytest.mark.timeout(300)
 def test_a_live_head_is_joined_by_address_and_by_auto(tmp_path, ray_tmpdir) -> None:
     """`ray start --head` (token auth on, as Ray starts it): `auto` finds it through the
-    address it recorded; HOST:PORT reaches it with RAY_AUTH_MODE=token, and without it the
-    head's refusal of a client with no token is one line after the bound."""
+    address it recorded; HOST:PORT reaches it with RAY_AUTH_MODE=token, and the head's
+    refusal of a client with a wrong token is one line after the bound."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_TMPDIR": str(ray_tmpdir), "RAY_USAGE_STATS_ENABLED": "0"}
     gcs = free_port()
@@ -251,10 +251,11 @@ def test_a_live_head_is_joined_by_address_and_by_auto(tmp_path, ray_tmpdir) -> N
         )
         assert done.returncode == 0, (address, done.stderr[-3000:])
         assert done.stdout.split() == ["3"], (address, done.stdout)
-    # Without RAY_AUTH_MODE=token, Ray sends no token to an explicit address: refused, bounded.
-    # A longer bound than BOUND_S: the refusal must reach Ray's log first, even under load.
-    bound = {TIMEOUT_ENV: "30"}
-    done = monoray([*DEMO, "--address", f"127.0.0.1:{gcs}"], tmp_path, ray_tmpdir, **bound)
+    # A wrong token is refused, in one line within the bound (whether Ray sends a token by
+    # itself depends on ~/.ray/auth_token existing, so the test gives one explicitly). A
+    # longer bound than BOUND_S: the refusal must reach Ray's log first, even under load.
+    wrong = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32, TIMEOUT_ENV: "30"}
+    done = monoray([*DEMO, "--address", f"127.0.0.1:{gcs}"], tmp_path, ray_tmpdir, **wrong)
     line = assert_one_line_exit_2(done, f"127.0.0.1:{gcs}", "refused this client's token")
     Path(line.split("Ray's log: ")[1].split(")")[0]).unlink()
     assert_nothing_created(tmp_path)

@@ -136,6 +136,9 @@ def test_space_with_searched_schedule_options_builds(digits: FeatureSplits) -> N
             "search.mono_warm_up_steps={type: int, low: 0, high: 1000}",
             "search.lr_scheduler_name={type: categorical, choices: [constant, cosine]}",
             "fixed.lr_end_factor=0.1",
+            "baseline.params.lr_warm_up_steps=0",
+            "baseline.params.mono_warm_up_steps=0",
+            "baseline.params.lr_scheduler_name=constant",
         ],
     )
     assert {"lr_warm_up_steps", "mono_warm_up_steps"} <= {p.name for p in space.search}

@@ -165,12 +165,7 @@ def _connect(address: str, source: str, timeout_s: float) -> None:
         # ray.init cannot be cancelled: its daemon thread retries (into the log) until the
         # command exits, so fd 2 stays on the log and Python's stderr moves to the terminal.
         sys.stderr = os.fdopen(terminal, "w", buffering=1)
-        if "InvalidAuthToken" in log.read_text(errors="replace"):
-            raise InputError(
-                f"{where}: the cluster refused this client's token for {timeout_s:g} s "
-                f"({TIMEOUT_ENV}; Ray's log: {log}); put the head's token (`ray get-auth-token` "
-                "on the head) in ~/.ray/auth_token or RAY_AUTH_TOKEN and export RAY_AUTH_MODE=token"
-            )
+        _raise_if_token_refused(log, where, timeout_s)
         raise InputError(
             f"{where}: {host}:{port} accepts TCP but Ray did not connect within "
             f"{timeout_s:g} s ({TIMEOUT_ENV}; Ray's log: {log}); is it a head's GCS port? "
@@ -180,11 +175,21 @@ def _connect(address: str, source: str, timeout_s: float) -> None:
     os.close(terminal)
     if outcome[0] is not None:
         ray.shutdown()
+        _raise_if_token_refused(log, where, timeout_s)
         lines = str(outcome[0]).strip().splitlines() or [type(outcome[0]).__name__]
         raise InputError(
             f"{where}: Ray did not connect: {lines[-1]} (Ray's log: {log}); {ADVICE}"
         ) from None
     log.unlink()
+
+
+def _raise_if_token_refused(log: Path, where: str, timeout_s: float) -> None:
+    if "InvalidAuthToken" in log.read_text(errors="replace"):
+        raise InputError(
+            f"{where}: the cluster refused this client's token (limit {timeout_s:g} s, "
+            f"{TIMEOUT_ENV}; Ray's log: {log}); put the head's token (`ray get-auth-token` "
+            "on the head) in ~/.ray/auth_token or RAY_AUTH_TOKEN and export RAY_AUTH_MODE=token"
+        )
 
 
 def _host_port(target: str, where: str) -> tuple[str, int]:
