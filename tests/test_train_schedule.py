@@ -145,7 +145,10 @@ def test_space_with_searched_schedule_options_builds(digits: FeatureSplits) -> N
     check_trial_config(space, digits)
     bad = load_space(
         REPO / "search_spaces" / "demo.yaml",
-        ["search.lr_warm_up_steps={type: int, low: -5, high: 5}"],
+        [
+            "search.lr_warm_up_steps={type: int, low: -5, high: 5}",
+            "baseline.params.lr_warm_up_steps=0",
+        ],
     )
     with pytest.raises(InputError, match="lr_warm_up_steps must be >= 0"):
         check_trial_config(bad, digits)
