@@ -98,14 +98,14 @@ def fronts(points: Sequence[tuple[float, ...]]) -> list[list[int]]:
 
 
 def crowding(points: Sequence[tuple[float, ...]], front: Sequence[int]) -> dict[int, float]:
-    """NSGA-II crowding distance of each index of one front (extremes: inf)."""
+    """NSGA-II crowding distance of each index of one front (extremes: inf; equal points: 0)."""
     dist = dict.fromkeys(front, 0.0)
     for k in range(len(points[front[0]])):
         ordered = sorted(front, key=lambda i: points[i][k])
         span = points[ordered[-1]][k] - points[ordered[0]][k]
-        dist[ordered[0]] = dist[ordered[-1]] = math.inf
-        if span == 0:
+        if span == 0:  # no extremes on an objective where the whole front is equal
             continue
+        dist[ordered[0]] = dist[ordered[-1]] = math.inf
         for prev, mid, nxt in zip(ordered, ordered[1:], ordered[2:], strict=False):
             dist[mid] += (points[nxt][k] - points[prev][k]) / span
     return dist
