@@ -219,7 +219,7 @@ class _Reader:
         for k in value:
             if allowed is not None and k not in allowed:
                 where = k if key == TOP else f"{key}.{k}"
-                near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                near = difflib.get_close_matches(str(k), sorted(allowed), n=1, cutoff=0.5)
                 hint = f"did you mean {near[0]!r}? " if near else ""
                 raise InputError(
                     f"{self.file}: {where}: unknown key ({hint}expected one of "
