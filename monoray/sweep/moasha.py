@@ -31,9 +31,11 @@ alone once packs report per-member results.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -224,8 +226,10 @@ class MoAshaRecorder(Callback):
     scheduler Tune actually runs.
     """
 
-    def __init__(self, scheduler: MoAshaScheduler) -> None:
+    def __init__(self, scheduler: MoAshaScheduler, table_path: Path) -> None:
         self.scheduler = scheduler
+        self.table_path = table_path
+        """Where the rung tables are written (JSON) when `Tuner.fit` ends."""
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
@@ -234,6 +238,21 @@ class MoAshaRecorder(Callback):
         if reason is not None and result.get("done"):
             result[STOPPED_KEY] = reason
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        rungs = {
+            str(epoch): [
+                {
+                    "trial_id": e.trial_id,
+                    "values": [None if math.isnan(v) else v for v in e.values],
+                    "violation": None if math.isinf(e.violation) else e.violation,
+                }
+                for e in sorted(table.values(), key=lambda e: e.order)
+            ]
+            for epoch, table in sorted(self.scheduler.rungs.items())
+        }
+        doc = {"rungs": rungs, "stopped": self.scheduler.stopped}
+        self.table_path.write_text(json.dumps(doc, indent=1, allow_nan=False))
+
     def get_state(self) -> dict[str, Any]:
         return self.scheduler.get_state()
 
@@ -241,7 +260,13 @@ class MoAshaRecorder(Callback):
         self.scheduler.set_state(state)
 
 
-def build_scheduler(space: SweepSpace) -> tuple[TrialScheduler | None, list[Callback]]:
+RUNGS_FILE = "mo_asha_rungs.json"
+"""Written into the Tune experiment directory: every rung's table, in arrival order."""
+
+
+def build_scheduler(
+    space: SweepSpace, exp_dir: Path
+) -> tuple[TrialScheduler | None, list[Callback]]:
     """The space's scheduler and the callbacks that must precede the tracker (none: FIFO)."""
     s = space.scheduler
     if s.type == "fifo":
@@ -253,7 +278,7 @@ def build_scheduler(space: SweepSpace) -> tuple[TrialScheduler | None, list[Call
         reduction_factor=s.reduction_factor,
         default_epochs=_default_epochs(space.kind),
     )
-    return scheduler, [MoAshaRecorder(scheduler)]
+    return scheduler, [MoAshaRecorder(scheduler, exp_dir / RUNGS_FILE)]
 
 
 def _default_epochs(kind: str) -> int:
