@@ -1,0 +1,128 @@
+"""MO-ASHA in real digits sweeps: PRUNED in Optuna, KILLED + tagged in MLflow, clean audit.
+
+Real local Ray, Optuna SQLite, MLflow SQLite, torch on digits. The driver kill +
+`--resume` reuses the helpers of `test_faults.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from monoray.sweep.audit import audit_sweep
+from monoray.sweep.moasha import RUNGS_FILE
+from monoray.sweep.paths import ProjectPaths
+from monoray.sweep.runner import SweepOptions, run_sweep
+from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, STOPPED_VALUES_ATTR
+from monoray.sweep.space import load_space
+from monoray.sweep.tracking import PARETO_TAG, STOPPED_TAG, SweepRecords
+from tests.test_faults import (
+    DEMO,
+    driver_cmd,
+    kill_driver_when,
+    resumed_to_the_end,
+    study_trials,
+)
+
+pytestmark = pytest.mark.integration
+EPOCHS = 6
+STOPPING = [
+    "scheduler.type=mo_asha",
+    "scheduler.grace_epochs=1",
+    "scheduler.reduction_factor=2",
+    # A wide lr range: some trials are far behind at epoch 1 and stay behind.
+    "search.lr={type: loguniform, low: 1.0e-5, high: 3.0e-2}",
+    "fixed.lr=null",
+    "baseline.params.lr=0.003",
+]
+
+
+def check_records(root: Path, name: str, budget: int) -> list[optuna.trial.FrozenTrial]:
+    """N trials COMPLETE or PRUNED (one PRUNED at least), N runs, front of COMPLETE only."""
+    study = optuna.load_study(study_name=name, storage=ProjectPaths.resolve(root).optuna_url)
+    trials = study.trials
+    assert len(trials) == budget
+    states = [t.state for t in trials]
+    assert set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}, states
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+    records = SweepRecords.load(ProjectPaths.resolve(root).tracking_uri, name)
+    assert sorted(records.runs) == [t.number for t in trials]
+    client = records.client
+    for t in trials:
+        run = client.get_run(records.runs[t.number])
+        last = {k: client.get_metric_history(run.info.run_id, k)[-1].value for k in ("epoch", "r2")}
+        if t.state == TrialState.PRUNED:
+            epoch = t.user_attrs[STOPPED_EPOCH_ATTR]
+            assert run.info.status == "KILLED"
+            assert run.data.tags[STOPPED_TAG] == t.user_attrs[STOPPED_ATTR]
+            assert run.data.tags[STOPPED_TAG].startswith("rung ")
+            assert f"(epoch {epoch})" in run.data.tags[STOPPED_TAG]
+            assert 1 <= epoch < EPOCHS and last["epoch"] == epoch
+            assert t.user_attrs[STOPPED_VALUES_ATTR][0] == last["r2"]
+            assert run.data.tags[PARETO_TAG] == "false"
+        else:
+            assert run.info.status == "FINISHED" and last["epoch"] == EPOCHS
+    front = {t.number for t in study.best_trials}
+    assert front and all(trials[n].state == TrialState.COMPLETE for n in front)
+    csv_path = ProjectPaths.resolve(root).sweep_dir(name) / "pareto.csv"
+    listed = {int(row["trial"]) for row in csv.DictReader(csv_path.open())}
+    assert front <= listed and all(trials[n].state == TrialState.COMPLETE for n in listed)
+    pruned = [t.number for t in trials if t.state == TrialState.PRUNED]
+    report = audit_sweep(name, root=root)
+    assert report.ok, "\n".join(map(str, report.problems))
+    assert (report.n_trials, report.n_runs, report.n_pruned) == (budget, budget, len(pruned))
+    return trials
+
+
+def rungs_of(root: Path, name: str) -> dict:
+    return json.loads((root / "ray" / name / RUNGS_FILE).read_text())
+
+
+@pytest.mark.timeout(600)
+def test_digits_sweep_with_stopping(ray_session, project: Path) -> None:
+    sets = [
+        "fixed.d_sae=64",
+        f"fixed.epochs={EPOCHS}",
+        "fixed.batch_size=128",
+        "budget.num_samples=6",
+        "budget.max_concurrent=2",
+        *STOPPING,
+    ]
+    space = load_space(DEMO, sets)
+    result = run_sweep(space, SweepOptions(name="stop", progress=False))
+    assert not result.interrupted and result.n_pruned >= 1
+    assert result.n_complete + result.n_pruned == 6
+    trials = check_records(project, "stop", 6)
+    rungs = rungs_of(project, "stop")
+    assert sorted(rungs["rungs"]) == ["1", "2", "4"]
+    assert len(rungs["rungs"]["1"]) == 6  # every trial reaches the grace epoch
+    assert len(rungs["stopped"]) == result.n_pruned
+    # Every trial that ran past a rung was kept there: it ranked in the best ceil(n/η).
+    reached = {e: {row["trial_id"] for row in rows} for e, rows in rungs["rungs"].items()}
+    assert reached["2"] <= reached["1"] and reached["4"] <= reached["2"]
+    assert sum(t.state == TrialState.PRUNED for t in trials) == len(rungs["stopped"])
+
+
+@pytest.mark.timeout(900)
+def test_driver_killed_then_resumed_keeps_the_rungs(tmp_path: Path) -> None:
+    """Killed once a trial is PRUNED and another runs: `--resume` finishes with the rung
+    tables of before the kill (every trial in rung 1, not only those after the resume)."""
+    root, name, budget = tmp_path / "runs", "stopkill", 6
+    cmd = driver_cmd(root, name, budget, EPOCHS)
+    cmd += [a for s in STOPPING for a in ("--set", s)]
+
+    def ready() -> bool:
+        states = [state for state, _ in study_trials(root, name)]
+        return "PRUNED" in states and "RUNNING" in states and len(states) < budget
+
+    kill_driver_when(cmd, tmp_path / "first.log", ready, "a trial PRUNED and another running")
+    before = [state for state, _ in study_trials(root, name)]
+    resumed_to_the_end(root, name, cmd, budget)
+    check_records(root, name, budget)
+    rungs = rungs_of(root, name)
+    assert len(rungs["rungs"]["1"]) == budget, (before, rungs)
