@@ -235,3 +235,26 @@ def test_bad_scheduler_is_one_line(tmp_path: Path, doc: object, message: str) ->
     with pytest.raises(InputError) as err:
         space_with(tmp_path, doc)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / "early_stopping.py"
+    spec = importlib.util.spec_from_file_location("bench_early_stopping", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_hypervolume_against_hand_values() -> None:
+    hv = _bench().hypervolume_2d
+    # Staircase of (0.9, 0.2), (0.5, 0.6), (0.2, 0.8) above (0, 0):
+    # 0.9*0.2 + 0.5*(0.6-0.2) + 0.2*(0.8-0.6) = 0.18 + 0.2 + 0.04.
+    assert hv([(0.9, 0.2), (0.5, 0.6), (0.2, 0.8)], (0.0, 0.0)) == pytest.approx(0.42)
+    # A dominated point and points below the reference add nothing.
+    assert hv([(0.9, 0.2), (0.5, 0.6), (0.2, 0.8), (0.4, 0.1), (-1, 5), (5, -1)], (0, 0)) == (
+        pytest.approx(0.42)
+    )
+    assert hv([(0.5, 0.5)], (0.1, 0.2)) == pytest.approx(0.4 * 0.3)
+    assert hv([], (0.0, 0.0)) == 0.0
