@@ -112,7 +112,7 @@ def test_digits_sweep_with_stopping(ray_session, project: Path) -> None:
 def test_driver_killed_then_resumed_keeps_the_rungs(tmp_path: Path) -> None:
     """Killed once a trial is PRUNED and another runs: `--resume` finishes with the rung
     tables of before the kill (every trial in rung 1, not only those after the resume)."""
-    root, name, budget = tmp_path / "runs", "stopkill", 6
+    root, name, budget = tmp_path / "runs", "stopkill", 4
     cmd = driver_cmd(root, name, budget, EPOCHS)
     cmd += [a for s in STOPPING for a in ("--set", s)]
 
