@@ -148,22 +148,26 @@ def test_late_arrival_is_judged_against_everything_recorded_so_far() -> None:
     assert report(s, "a", 3, 0.5, 0.5) == "CONTINUE"  # no rung at epoch 3
     assert report(s, "b", 1, 0.9, 0.9) == "CONTINUE"  # better than a: kept (1 of 2)
     assert report(s, "c", 1, 0.1, 0.1) == "STOP"  # late at rung 1: ceil(3/2)=2, it is third
-    assert s.stopped["c"] == "rung 1 (epoch 1): dominated (front 3), rank 3 of 3, kept 2"
+    assert s.stopped["c"][1] == "rung 1 (epoch 1): dominated (front 3), rank 3 of 3, kept 2"
     # An infeasible trial at rung 2 with a and b's company: stopped though its values are best.
     assert report(s, "b", 2, 0.9, 0.9) == "CONTINUE"
     assert report(s, "d", 1, 0.95, 0.95, dead=0.5) == "STOP"
-    assert "infeasible" in s.stopped["d"]
+    assert "infeasible" in s.stopped["d"][1]
     # Earlier verdicts stand: a stays in the table at rung 1 though it would now be cut.
     assert set(s.rungs[1]) == {"a", "b", "c", "d"} and "a" not in s.stopped
 
 
-def test_reported_again_after_a_retry_keeps_its_place() -> None:
+def test_a_verdict_is_final_and_a_rerun_keeps_its_place() -> None:
     s = scheduler()
     report(s, "a", 1, 0.9, 0.9)
     report(s, "b", 1, 0.1, 0.1)
-    assert "b" in s.stopped
-    assert report(s, "b", 1, 0.95, 0.95) == "CONTINUE"  # re-run from a checkpoint, better now
-    assert "b" not in s.stopped and len(s.rungs[1]) == 2 and s.rungs[1]["b"].order == 1
+    assert s.stopped["b"][0] == 1
+    # Re-run from an older checkpoint (resume, retry): stopped again, better or not.
+    assert report(s, "b", 1, 0.95, 0.95) == "STOP"
+    assert report(s, "b", 2, 0.95, 0.95) == "STOP"
+    # A kept trial reported again is judged again in its old place.
+    assert report(s, "a", 1, 0.8, 0.8) == "CONTINUE"
+    assert len(s.rungs[1]) == 2 and s.rungs[1]["a"].order == 0
 
 
 def test_state_round_trips() -> None:
@@ -258,3 +262,39 @@ def test_bench_hypervolume_against_hand_values() -> None:
     )
     assert hv([(0.5, 0.5)], (0.1, 0.2)) == pytest.approx(0.4 * 0.3)
     assert hv([], (0.0, 0.0)) == 0.0
+
+
+def test_resume_takes_every_verdict_the_study_holds(tmp_path: Path) -> None:
+    """Optuna hears of a stop at once; Tune's snapshot (and the rung state) may be older."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from monoray.sweep.moasha import MoAshaRecorder
+    from monoray.sweep.search import (
+        RAY_TRIAL_ATTR,
+        STOPPED_ATTR,
+        STOPPED_EPOCH_ATTR,
+        storage_for,
+    )
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(
+        study_name="s", storage=storage_for(url), directions=["maximize", "maximize"]
+    )
+    for ray_id, state in (("late", TrialState.PRUNED), ("done", TrialState.COMPLETE)):
+        t = study.ask()
+        t.set_user_attr(RAY_TRIAL_ATTR, ray_id)
+        if state == TrialState.PRUNED:
+            t.set_user_attr(STOPPED_ATTR, "rung 1 (epoch 1): infeasible, rank 2 of 2, kept 1")
+            t.set_user_attr(STOPPED_EPOCH_ATTR, 1)
+            study.tell(t, state=state)
+        else:
+            study.tell(t, [0.5, 0.5])
+    s = scheduler()
+    report(s, "a", 1, 0.9, 0.9)
+    recorder = MoAshaRecorder(s, tmp_path / "rungs.json", "s", url)
+    fresh = scheduler()
+    MoAshaRecorder(fresh, tmp_path / "rungs.json", "s", url).set_state(recorder.get_state())
+    assert fresh.stopped == {"late": (1, "rung 1 (epoch 1): infeasible, rank 2 of 2, kept 1")}
+    assert set(fresh.rungs[1]) == {"a"}
+    assert report(fresh, "late", 1, 0.99, 0.99) == "STOP"  # the study's verdict stands

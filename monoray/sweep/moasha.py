@@ -18,6 +18,8 @@ Ranking (`rank`), best first:
 
 Only the arriving trial is judged, so a trial can be judged by a table that
 later fills with better ones; that is what makes successive halving asynchronous.
+A verdict is final: a stopped trial that Tune runs again (a retry, or a resume
+from a snapshot older than the stop) is stopped again at the same epoch.
 
 A stop reaches the rest of monoray through the trial's result: `MoAshaRecorder`,
 the scheduler's companion Tune callback, writes the verdict under `STOPPED_KEY`
@@ -157,10 +159,16 @@ class MoAshaScheduler(FIFOScheduler):
         self.eta = reduction_factor
         self.default_epochs = default_epochs
         self.rungs: dict[int, dict[str, RungEntry]] = {}
-        self.stopped: dict[str, str] = {}
+        self.stopped: dict[str, tuple[int, str]] = {}
+        """Final verdicts: trial id -> (stop epoch, where and why)."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         epoch = int(result.get("epoch", 0))
+        stop = self.stopped.get(trial.trial_id)
+        if stop is not None and epoch >= stop[0]:
+            # Re-run after a verdict (a resume from a snapshot older than the stop, or a
+            # retry): the verdict stands, the records already say it.
+            return TrialScheduler.STOP
         rungs = rung_epochs(
             self.grace, self.eta, int(trial.config.get("epochs", self.default_epochs))
         )
@@ -175,11 +183,11 @@ class MoAshaScheduler(FIFOScheduler):
             list(table.values()), trial.trial_id, [o.mode for o in self.objectives], self.eta
         )
         if verdict.keep:
-            self.stopped.pop(trial.trial_id, None)
             return TrialScheduler.CONTINUE
         self.stopped[trial.trial_id] = (
+            epoch,
             f"rung {rungs.index(epoch) + 1} (epoch {epoch}): {verdict.why}, "
-            f"rank {verdict.position + 1} of {verdict.n}, kept {verdict.kept}"
+            f"rank {verdict.position + 1} of {verdict.n}, kept {verdict.kept}",
         )
         return TrialScheduler.STOP
 
@@ -196,14 +204,14 @@ class MoAshaScheduler(FIFOScheduler):
             str(epoch): [[e.trial_id, e.order, list(e.values), e.violation] for e in t.values()]
             for epoch, t in self.rungs.items()
         }
-        return {"rungs": rungs, "stopped": dict(self.stopped)}
+        return {"rungs": rungs, "stopped": {k: list(v) for k, v in self.stopped.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.rungs = {
             int(epoch): {row[0]: RungEntry(row[0], row[1], tuple(row[2]), row[3]) for row in rows}
             for epoch, rows in state["rungs"].items()
         }
-        self.stopped = dict(state["stopped"])
+        self.stopped = {k: (int(v[0]), str(v[1])) for k, v in state["stopped"].items()}
 
     def debug_string(self) -> str:
         return f"MO-ASHA: {len(self.stopped)} stopped, rungs {sorted(self.rungs)}"
@@ -226,17 +234,21 @@ class MoAshaRecorder(Callback):
     scheduler Tune actually runs.
     """
 
-    def __init__(self, scheduler: MoAshaScheduler, table_path: Path) -> None:
+    def __init__(
+        self, scheduler: MoAshaScheduler, table_path: Path, study_name: str, storage_url: str
+    ) -> None:
         self.scheduler = scheduler
         self.table_path = table_path
         """Where the rung tables are written (JSON) when `Tuner.fit` ends."""
+        self.study_name = study_name
+        self.storage_url = storage_url
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        reason = self.scheduler.stopped.get(trial.trial_id)
-        if reason is not None and result.get("done"):
-            result[STOPPED_KEY] = reason
+        stop = self.scheduler.stopped.get(trial.trial_id)
+        if stop is not None and result.get("done"):
+            result[STOPPED_KEY] = stop[1]
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         rungs = {
@@ -250,14 +262,21 @@ class MoAshaRecorder(Callback):
             ]
             for epoch, table in sorted(self.scheduler.rungs.items())
         }
-        doc = {"rungs": rungs, "stopped": self.scheduler.stopped}
+        doc = {"rungs": rungs, "stopped": {k: v[1] for k, v in self.scheduler.stopped.items()}}
         self.table_path.write_text(json.dumps(doc, indent=1, allow_nan=False))
 
     def get_state(self) -> dict[str, Any]:
         return self.scheduler.get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the rung tables, then every verdict the study holds: Optuna heard of
+        a stop at once, Tune's snapshot (and this state with it) may be older."""
+        from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, verdicts
+
         self.scheduler.set_state(state)
+        for trial_id, attrs in verdicts(self.study_name, self.storage_url).items():
+            stop = (int(attrs[STOPPED_EPOCH_ATTR]), str(attrs[STOPPED_ATTR]))
+            self.scheduler.stopped.setdefault(trial_id, stop)
 
 
 RUNGS_FILE = "mo_asha_rungs.json"
@@ -265,7 +284,7 @@ RUNGS_FILE = "mo_asha_rungs.json"
 
 
 def build_scheduler(
-    space: SweepSpace, exp_dir: Path
+    space: SweepSpace, exp_dir: Path, study_name: str, storage_url: str
 ) -> tuple[TrialScheduler | None, list[Callback]]:
     """The space's scheduler and the callbacks that must precede the tracker (none: FIFO)."""
     s = space.scheduler
@@ -278,7 +297,8 @@ def build_scheduler(
         reduction_factor=s.reduction_factor,
         default_epochs=_default_epochs(space.kind),
     )
-    return scheduler, [MoAshaRecorder(scheduler, exp_dir / RUNGS_FILE)]
+    recorder = MoAshaRecorder(scheduler, exp_dir / RUNGS_FILE, study_name, storage_url)
+    return scheduler, [recorder]
 
 
 def _default_epochs(kind: str) -> int:

@@ -219,7 +219,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             str(exp_dir), trainable, resume_errored=True, param_space=dict(space.fixed)
         )
     else:
-        scheduler, stop_callbacks = build_scheduler(space, exp_dir)
+        scheduler, stop_callbacks = build_scheduler(space, exp_dir, name, storage_url)
         tuner = tune.Tuner(
             trainable,
             param_space=dict(space.fixed),

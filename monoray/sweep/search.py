@@ -251,6 +251,16 @@ def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: boo
     return None
 
 
+def verdicts(study_name: str, storage_url: str) -> dict[str, dict[str, Any]]:
+    """Ray trial id -> user attrs of every PRUNED trial of the study (MO-ASHA's stops)."""
+    study = optuna.load_study(study_name=study_name, storage=storage_for(storage_url))
+    return {
+        t.user_attrs[RAY_TRIAL_ATTR]: t.user_attrs
+        for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        if RAY_TRIAL_ATTR in t.user_attrs and STOPPED_EPOCH_ATTR in t.user_attrs
+    }
+
+
 def release_orphans(
     study: optuna.Study, storage: optuna.storages.RDBStorage, known: set[str]
 ) -> int:
