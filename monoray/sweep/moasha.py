@@ -164,21 +164,22 @@ class MoAshaScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         epoch = int(result.get("epoch", 0))
+        rungs = rung_epochs(
+            self.grace, self.eta, int(trial.config.get("epochs", self.default_epochs))
+        )
+        if epoch in rungs:
+            table = self.rungs.setdefault(epoch, {})
+            previous = table.get(trial.trial_id)  # a retry or a resumed sweep reports it again
+            table[trial.trial_id] = self.entry(
+                trial.trial_id, len(table) if previous is None else previous.order, result
+            )
         stop = self.stopped.get(trial.trial_id)
         if stop is not None and epoch >= stop[0]:
             # Re-run after a verdict (a resume from a snapshot older than the stop, or a
             # retry): the verdict stands, the records already say it.
             return TrialScheduler.STOP
-        rungs = rung_epochs(
-            self.grace, self.eta, int(trial.config.get("epochs", self.default_epochs))
-        )
         if epoch not in rungs:
             return TrialScheduler.CONTINUE
-        table = self.rungs.setdefault(epoch, {})
-        previous = table.get(trial.trial_id)  # a retry or a resumed sweep reports it again
-        table[trial.trial_id] = self.entry(
-            trial.trial_id, len(table) if previous is None else previous.order, result
-        )
         verdict = judge(
             list(table.values()), trial.trial_id, [o.mode for o in self.objectives], self.eta
         )
