@@ -47,7 +47,7 @@ SPACE = {
     "constraints": ["dead_fraction <= 0.5"],
     "baseline": False,
 }
-STOPPING = {"type": "mo_asha", "grace_epochs": 1, "reduction_factor": 3}
+GRACE, ETA = 2, 3
 
 
 def hypervolume_2d(points: Sequence[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -61,7 +61,9 @@ def hypervolume_2d(points: Sequence[tuple[float, float]], ref: tuple[float, floa
     return area
 
 
-def run_one(seed: int, trials: int, epochs: int, concurrency: int, stop: bool, work: Path) -> dict:
+def run_one(
+    seed: int, trials: int, epochs: int, concurrency: int, stop: dict | None, work: Path
+) -> dict:
     import optuna
     from optuna.trial import TrialState
 
@@ -76,7 +78,7 @@ def run_one(seed: int, trials: int, epochs: int, concurrency: int, stop: bool, w
         "fixed": {**SPACE["fixed"], "epochs": epochs, "seed": seed},
         "sampler": {"type": "tpe", "seed": seed, "n_startup_trials": 8},
         "budget": {"num_samples": trials, "max_concurrent": concurrency, "max_failures": 0},
-        **({"scheduler": STOPPING} if stop else {}),
+        **({"scheduler": stop} if stop else {}),
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -95,7 +97,7 @@ def run_one(seed: int, trials: int, epochs: int, concurrency: int, stop: bool, w
     states = [t.state for t in study.trials]
     return {
         "seed": seed,
-        "stopping": stop,
+        "stopping": stop is not None,
         "hypervolume": hypervolume_2d(front, REFERENCE),
         "front_size": len(front),
         "trial_epochs": epochs_run,
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--grace", type=int, default=GRACE, help="scheduler.grace_epochs")
+    parser.add_argument("--eta", type=int, default=ETA, help="scheduler.reduction_factor")
     parser.add_argument("--quick", action="store_true", help="8 trials x 6 epochs, one seed")
     args = parser.parse_args()
     if args.quick:
@@ -121,11 +125,12 @@ def main() -> None:
 
     from monoray.runs.cluster import start_local_ray
 
+    stopping = {"type": "mo_asha", "grace_epochs": args.grace, "reduction_factor": args.eta}
     start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for stop in (False, True):
+            for stop in (None, stopping):
                 runs.append(
                     run_one(seed, args.trials, args.epochs, args.concurrency, stop, Path(tmp))
                 )
@@ -157,7 +162,7 @@ def main() -> None:
                 "epochs": args.epochs,
                 "seeds": args.seeds,
                 "concurrency": args.concurrency,
-                "scheduler": STOPPING,
+                "scheduler": stopping,
                 "reference_point": {"r2": REFERENCE[0], "monoscore_mean": REFERENCE[1]},
                 "runs": runs,
                 "per_seed": per_seed,
