@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import optuna
@@ -23,10 +26,15 @@ from monoray.sweep.space import load_space
 from monoray.sweep.tracking import PARETO_TAG, STOPPED_TAG, SweepRecords
 from tests.test_faults import (
     DEMO,
+    Injector,
     driver_cmd,
     kill_driver_when,
+    metric_values,
+    poll,
     resumed_to_the_end,
+    running_at,
     study_trials,
+    trial_dirs,
 )
 
 pytestmark = pytest.mark.integration
@@ -94,17 +102,19 @@ def rungs_of(root: Path, name: str) -> dict:
     return json.loads((root / "ray" / name / RUNGS_FILE).read_text())
 
 
+SETS = [
+    "fixed.d_sae=64",
+    f"fixed.epochs={EPOCHS}",
+    "fixed.batch_size=128",
+    "budget.num_samples=6",
+    "budget.max_concurrent=2",
+    *STOPPING,
+]
+
+
 @pytest.mark.timeout(600)
 def test_digits_sweep_with_stopping(ray_session, project: Path) -> None:
-    sets = [
-        "fixed.d_sae=64",
-        f"fixed.epochs={EPOCHS}",
-        "fixed.batch_size=128",
-        "budget.num_samples=6",
-        "budget.max_concurrent=2",
-        *STOPPING,
-    ]
-    space = load_space(DEMO, sets)
+    space = load_space(DEMO, SETS)
     result = run_sweep(space, SweepOptions(name="stop", progress=False))
     assert not result.interrupted and result.n_pruned >= 1
     assert result.n_complete + result.n_pruned == 6
@@ -117,6 +127,34 @@ def test_digits_sweep_with_stopping(ray_session, project: Path) -> None:
     reached = {e: {row["trial_id"] for row in rows} for e, rows in rungs["rungs"].items()}
     assert reached["2"] <= reached["1"] and reached["4"] <= reached["2"]
     assert sum(t.state == TrialState.PRUNED for t in trials) == len(rungs["stopped"])
+
+
+@pytest.mark.timeout(600)
+def test_stopping_with_retries_from_checkpoints(ray_session, project: Path) -> None:
+    """Two trials lose their worker after epoch 1 (a rung): each retry resumes from its
+    checkpoint, is judged at the next rungs, and the records stay consistent."""
+    killed: dict[int, int] = {}
+
+    def kill_two(stop: threading.Event) -> None:
+        def one() -> bool:
+            for d in trial_dirs(project / "ray" / "retry"):
+                r = running_at(d, EPOCHS, at_least=1)
+                if r is not None and int(r["config"]["_optuna_trial"]) not in killed:
+                    os.kill(r["pid"], signal.SIGKILL)
+                    killed[int(r["config"]["_optuna_trial"])] = r["epoch"]
+            return len(killed) >= 2
+
+        poll(stop, one, "2 trials to kill")
+
+    space = load_space(DEMO, [*SETS, "budget.max_failures=2"])
+    with Injector(kill_two):
+        result = run_sweep(space, SweepOptions(name="retry", progress=False))
+    assert not result.interrupted and len(killed) == 2, killed
+    check_records(project, "retry", 6)
+    # A killed worker may also have been one Tune was already stopping (or reusing):
+    # at least one of the two trials really resumed from its checkpoint.
+    resumed = [max(metric_values(project, "retry", n, "resumed_from_epoch")) for n in killed]
+    assert max(resumed) >= 1, (killed, resumed)
 
 
 @pytest.mark.timeout(900)
