@@ -378,6 +378,18 @@ def _sweep_cases(work: Path, data: dict[str, Path]) -> dict[str, tuple[list[str]
         ),
         "integer too large": ([space("k", search__mono_coef__high=10**400)], "too large"),
         "constraint without a number": ([space("l", constraints=["r2 >= 1e"])], "constraints[0]"),
+        "unknown scheduler": (
+            [space("sch1", scheduler={"type": "asha"})],
+            "scheduler.type: expected one of fifo, mo_asha",
+        ),
+        "misspelt scheduler key": (
+            [space("sch2", scheduler={"type": "mo_asha", "grace_epoch": 2})],
+            "scheduler.grace_epoch: unknown key (did you mean 'grace_epochs'?",
+        ),
+        "bad reduction factor": (
+            [space("sch3", scheduler={"type": "mo_asha", "reduction_factor": 1})],
+            "scheduler.reduction_factor: expected an integer >= 2",
+        ),
         "negative lambda in a range": (
             [space("m", search__mono_coef=uniform)],
             "mono_coef must be >= 0.0, got -0.1",

@@ -153,7 +153,7 @@ def audited(root: Path, name: str, budget: int) -> AuditReport:
     report = audit_sweep(name, root=root)
     assert report.ok, "\n".join(map(str, report.problems))
     assert (report.n_trials, report.n_runs) == (budget, budget)
-    assert report.n_complete + report.n_failed == budget
+    assert report.n_complete + report.n_pruned + report.n_failed == budget
     return report
 
 

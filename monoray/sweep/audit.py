@@ -7,15 +7,18 @@ also copied into the MLflow run). `audit_sweep` reads all three back and lists
 every disagreement:
 
 - the study holds exactly the budget's number of trials, all finished
-  (COMPLETE with finite objective values, or FAIL); none RUNNING or WAITING;
+  (COMPLETE with finite objective values, PRUNED: stopped early by MO-ASHA, or
+  FAIL); none RUNNING or WAITING;
 - exactly one MLflow trial run per Optuna trial number, none extra, each a
-  child of the parent run, FINISHED for COMPLETE and FAILED for FAIL; the
-  parent FINISHED; no run left RUNNING;
+  child of the parent run, FINISHED for COMPLETE, KILLED (tagged
+  `monoray.stopped`) for PRUNED and FAILED for FAIL; the parent FINISHED; no
+  run left RUNNING;
 - per run, the `epoch` and objective metrics have one value per step (no
   duplicates after retries or `--resume`) and no missing step; a COMPLETE
   trial's last logged objectives equal the study's values;
-- a COMPLETE trial's MLflow checkpoint and its newest Tune checkpoint both
-  verify against their sha256, hold the final epoch, and are the same model.
+- a COMPLETE (or PRUNED) trial's MLflow checkpoint and its newest Tune
+  checkpoint both verify against their sha256, hold its last logged epoch (the
+  stop epoch of a PRUNED one), and are the same model.
 
 The budget and objectives come from the space stored with the parent run, so
 `monoray audit NAME` needs nothing but the sweep's name (and its root).
@@ -40,9 +43,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from monoray.errors import InputError
 from monoray.sweep.paths import ProjectPaths
-from monoray.sweep.search import TRIAL_KEY, redact, storage_for
+from monoray.sweep.search import STOPPED_VALUES_ATTR, TRIAL_KEY, redact, storage_for
 from monoray.sweep.tracking import (
     ROLE_TAG,
+    STOPPED_TAG,
     TRIAL_TAG,
     client_for,
     experiment_name,
@@ -53,7 +57,13 @@ from monoray.train.checkpoint import read_checkpoint_dir
 
 ProblemKind = Literal["lost", "duplicate", "running", "mismatch", "damaged"]
 _TUNE_CHECKPOINT = re.compile(r"^checkpoint_(\d{6,})$")
-_RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.FAIL: "FAILED"}
+_RUN_STATUS = {
+    TrialState.COMPLETE: "FINISHED",
+    TrialState.FAIL: "FAILED",
+    TrialState.PRUNED: "KILLED",  # stopped early by MO-ASHA (tag monoray.stopped)
+}
+_CHECKED = (TrialState.COMPLETE, TrialState.PRUNED)
+"""Trials whose checkpoints must hold their last logged epoch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +84,8 @@ class AuditReport:
     n_trials: int = 0
     n_complete: int = 0
     n_failed: int = 0
+    n_pruned: int = 0
+    """Stopped early by MO-ASHA: expected, not a problem."""
     n_runs: int = 0
     n_metric_steps: int = 0
     """Logged (run, metric, step) values checked."""
@@ -95,7 +107,8 @@ class AuditReport:
     def summary(self) -> str:
         return (
             f"sweep {self.sweep}: {self.n_trials}/{self.budget} trials "
-            f"({self.n_complete} complete, {self.n_failed} failed), {self.n_runs} MLflow runs, "
+            f"({self.n_complete} complete, {self.n_pruned} stopped early, {self.n_failed} failed), "
+            f"{self.n_runs} MLflow runs, "
             f"{self.n_metric_steps} metric steps, {self.n_checkpoints} checkpoints verified, "
             f"{len(self.problems)} problems"
         )
@@ -140,7 +153,7 @@ def audit_sweep(
         }
         tune_checkpoints = _tune_checkpoints(paths.ray_results / name)
         for t in trials:
-            if t.state == TrialState.COMPLETE and t.number in runs:
+            if t.state in _CHECKED and t.number in runs:
                 _audit_checkpoints(
                     report,
                     client,
@@ -166,6 +179,7 @@ def _audit_study(report: AuditReport, trials: list[FrozenTrial]) -> None:
     report.n_trials = len(trials)
     report.n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
     report.n_failed = sum(t.state == TrialState.FAIL for t in trials)
+    report.n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
     if len(trials) < report.budget:
         report.add("lost", f"study has {len(trials)} trials, the budget is {report.budget}")
     elif len(trials) > report.budget:
@@ -218,6 +232,8 @@ def _audit_runs(
                 "mismatch",
                 f"trial {t.number} is {t.state.name} in Optuna, {run.info.status} in MLflow",
             )
+        elif t.state == TrialState.PRUNED and STOPPED_TAG not in run.data.tags:
+            report.add("mismatch", f"trial {t.number} is PRUNED but its run has no {STOPPED_TAG}")
     return runs
 
 
@@ -242,9 +258,9 @@ def _audit_metrics(
             report.add("lost", f"trial {trial.number}: {key} missing at steps {missing}")
         if key == "epoch":
             last_epoch = max(steps, default=0)
-        elif trial.state == TrialState.COMPLETE:
+        elif trial.state in _CHECKED:
             final = [m.value for m in history if m.step == last_epoch]
-            wanted = trial.values[objectives.index(key)]
+            wanted = _told(trial, len(objectives))[objectives.index(key)]
             if not final:
                 report.add("lost", f"trial {trial.number}: no {key} logged at the last epoch")
             elif not math.isclose(final[-1], wanted, rel_tol=1e-9, abs_tol=1e-12):
@@ -252,9 +268,17 @@ def _audit_metrics(
                     "mismatch",
                     f"trial {trial.number}: {key} is {wanted} in Optuna, {final[-1]} in MLflow",
                 )
-    if trial.state == TrialState.COMPLETE and last_epoch == 0:
-        report.add("lost", f"trial {trial.number} is COMPLETE but logged no epoch")
+    if trial.state in _CHECKED and last_epoch == 0:
+        report.add("lost", f"trial {trial.number} is {trial.state.name} but logged no epoch")
     return last_epoch
+
+
+def _told(trial: FrozenTrial, n: int) -> list[float]:
+    """The `n` objectives Optuna holds: a PRUNED trial's are its values at the stop epoch
+    (NaN if they were not kept, which then shows as a mismatch)."""
+    if trial.state == TrialState.PRUNED:
+        return [float(v) for v in trial.user_attrs.get(STOPPED_VALUES_ATTR, [])] or [math.nan] * n
+    return list(trial.values)
 
 
 def _tune_checkpoints(exp_dir: Path) -> dict[int, list[Path]]:

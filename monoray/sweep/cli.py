@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 130
     print(
-        f"\nsweep {result.name}: {result.n_complete} trials complete, {result.n_failed} failed",
+        f"\nsweep {result.name}: {result.n_complete} trials complete, {result.n_failed} failed"
+        + (f", {result.n_pruned} stopped early" if result.n_pruned else ""),
         file=out,
     )
     if result.pareto is not None:

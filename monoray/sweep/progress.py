@@ -14,6 +14,7 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.search import TRIAL_KEY, failure_reason
 
 
@@ -68,8 +69,10 @@ class SweepProgress(Callback):
             print(f"[{self._done}/{self.total}] {line}", file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        reason = failure_reason(trial.last_result or {}, self.metrics, error=False)
-        self._finish(trial, "done" if reason is None else "FAILED")
+        result = trial.last_result or {}
+        reason = failure_reason(result, self.metrics, error=False)
+        stopped = reason is None and result.get(STOPPED_KEY)
+        self._finish(trial, "FAILED" if reason else "stop" if stopped else "done")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "ERROR")

@@ -24,6 +24,7 @@ from ray import tune
 from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
+from monoray.sweep.moasha import build_scheduler
 from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.progress import SweepProgress
@@ -66,6 +67,8 @@ class SweepResult:
     parent_run_id: str
     n_complete: int
     n_failed: int
+    n_pruned: int
+    """Stopped early by the scheduler (`scheduler: {type: mo_asha}`)."""
     interrupted: bool
     pareto: ParetoReport | None
     ray_dir: Path
@@ -216,11 +219,13 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             str(exp_dir), trainable, resume_errored=True, param_space=dict(space.fixed)
         )
     else:
+        scheduler, stop_callbacks = build_scheduler(space, exp_dir, name, storage_url)
         tuner = tune.Tuner(
             trainable,
             param_space=dict(space.fixed),
             tune_config=tune.TuneConfig(
                 search_alg=MonorayOptunaSearch(space, name, storage),
+                scheduler=scheduler,
                 num_samples=space.budget.num_samples,
                 max_concurrent_trials=space.budget.max_concurrent,
                 reuse_actors=True,
@@ -228,7 +233,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(paths.ray_results),
-                callbacks=[tracker, progress],
+                callbacks=[*stop_callbacks, tracker, progress],
                 failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 verbose=0,
@@ -267,6 +272,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         parent_run_id=tracker.parent_run_id,
         n_complete=sum(s == optuna.trial.TrialState.COMPLETE for s in states),
         n_failed=sum(s == optuna.trial.TrialState.FAIL for s in states),
+        n_pruned=sum(s == optuna.trial.TrialState.PRUNED for s in states),
         interrupted=interrupted,
         pareto=pareto,
         ray_dir=exp_dir,

@@ -2,8 +2,8 @@
 
 `OptunaSearch` tells Optuna whatever the last result held; a NaN or a missing
 objective makes `tell` fail, the error is only logged, and the Optuna trial
-stays RUNNING forever. `MonorayOptunaSearch` tells FAIL instead, records
-constraint values before `tell`, and tags each Optuna trial with its Ray trial
+stays RUNNING forever. `MonorayOptunaSearch` tells FAIL instead, PRUNED for a
+trial MO-ASHA stopped (`monoray.sweep.moasha`), records constraint values before `tell`, and tags each Optuna trial with its Ray trial
 id (and each config with the Optuna trial number, which keys the MLflow run).
 """
 
@@ -18,11 +18,16 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
+from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.space import Param, SweepSpace, grid_points
 
 BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
 FAIL_ATTR = "fail_reason"
+STOPPED_ATTR = "stopped"
+"""User attrs of a PRUNED trial: where and why it stopped, and its objectives there."""
+STOPPED_VALUES_ATTR = "stopped_values"
+STOPPED_EPOCH_ATTR = "stopped_epoch"
 TRIAL_KEY = "_optuna_trial"
 """Config key carrying the Optuna trial number into the trial and the tracker."""
 
@@ -196,7 +201,9 @@ class MonorayOptunaSearch(OptunaSearch):
             # Told before the driver died, re-run by Tune from an older snapshot.
             return
         reason = failure_reason(result, self.metric, error)
-        if reason is None:
+        if reason is None and result is not None and result.get(STOPPED_KEY):
+            self._prune(ot_trial, result)
+        elif reason is None:
             assert result is not None
             for c in self._constraints:
                 ot_trial.set_constraint(c.name, c.violation(float(result[c.metric])))
@@ -204,6 +211,21 @@ class MonorayOptunaSearch(OptunaSearch):
         else:
             ot_trial.set_user_attr(FAIL_ATTR, reason[:1000])
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+
+    def _prune(self, ot_trial: optuna.Trial, result: dict[str, Any]) -> None:
+        """Stopped by MO-ASHA: PRUNED, its objectives at the stop epoch as user attrs.
+
+        Multi-objective trials cannot `report` intermediate values (Optuna raises), so
+        the values live in user attrs; the constraints are set as for a COMPLETE trial.
+        """
+        for c in self._constraints:
+            value = result.get(c.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                ot_trial.set_constraint(c.name, c.violation(float(value)))
+        ot_trial.set_user_attr(STOPPED_ATTR, str(result[STOPPED_KEY]))
+        ot_trial.set_user_attr(STOPPED_EPOCH_ATTR, int(result.get("epoch", 0)))
+        ot_trial.set_user_attr(STOPPED_VALUES_ATTR, [float(result[m]) for m in self.metric])
+        self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
 
     def _stored_state(self, number: int) -> TrialState:
         storage = self._rdb
@@ -227,6 +249,16 @@ def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: boo
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"objective {m} is {value!r}"
     return None
+
+
+def verdicts(study_name: str, storage_url: str) -> dict[str, dict[str, Any]]:
+    """Ray trial id -> user attrs of every PRUNED trial of the study (MO-ASHA's stops)."""
+    study = optuna.load_study(study_name=study_name, storage=storage_for(storage_url))
+    return {
+        t.user_attrs[RAY_TRIAL_ATTR]: t.user_attrs
+        for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        if RAY_TRIAL_ATTR in t.user_attrs and STOPPED_EPOCH_ATTR in t.user_attrs
+    }
 
 
 def release_orphans(

@@ -3,7 +3,8 @@
 A space file says what a sweep trains (`kind`, `data`, `fixed`), what Optuna
 searches (`search`, optionally conditional on another parameter with `when`),
 what it optimises (`objectives`, `constraints`), how (`sampler`), how much
-(`budget`, `resources`) and whether a λ = 0 baseline runs first (`baseline`).
+(`budget`, `resources`), whether a λ = 0 baseline runs first (`baseline`) and
+whether dominated trials stop early (`scheduler`).
 The annotated reference is `search_spaces/demo.yaml`.
 
 Every error names the file, the key and what was expected, in one line.
@@ -12,6 +13,7 @@ YAML is read with `yaml.safe_load`: a space cannot construct Python objects.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import re
@@ -28,11 +30,13 @@ from monoray.train.evaluate import VAL_KEYS
 Kind = Literal["sae", "finetune"]
 ParamType = Literal["loguniform", "uniform", "int", "categorical"]
 SamplerType = Literal["tpe", "nsga2", "gp", "random", "grid"]
+SchedulerType = Literal["fifo", "mo_asha"]
 Mode = Literal["max", "min"]
 
 KINDS = ("sae", "finetune")
 PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+SCHEDULERS = ("fifo", "mo_asha")
 MODES = ("max", "min")
 DEFAULT_OBJECTIVES = (("r2", "max"), ("monoscore_mean", "max"))
 DEFAULT_FINETUNE_OBJECTIVES = (("accuracy", "max"), ("monoscore_mean", "max"))
@@ -95,6 +99,17 @@ class Sampler:
 
 
 @dataclass(frozen=True, slots=True)
+class Scheduler:
+    """Early stopping: `fifo` runs every trial to its last epoch, `mo_asha` stops dominated
+    ones at rungs `grace_epochs · reduction_factor^i` (see `monoray.sweep.moasha`)."""
+
+    type: SchedulerType = "fifo"
+    grace_epochs: int = 1
+    reduction_factor: int = 3
+    """η: about 1/η of the trials reaching a rung continue past it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Budget:
     num_samples: int = 8
     max_concurrent: int = 2
@@ -148,6 +163,7 @@ class SweepSpace:
     resources: Resources
     baseline: Baseline
     description: str = ""
+    scheduler: Scheduler = Scheduler()
 
     @property
     def metric_names(self) -> list[str]:
@@ -180,6 +196,7 @@ TOP_KEYS = {
     "budget",
     "resources",
     "baseline",
+    "scheduler",
 }
 
 
@@ -202,8 +219,11 @@ class _Reader:
         for k in value:
             if allowed is not None and k not in allowed:
                 where = k if key == TOP else f"{key}.{k}"
+                near = difflib.get_close_matches(str(k), sorted(allowed), n=1, cutoff=0.5)
+                hint = f"did you mean {near[0]!r}? " if near else ""
                 raise InputError(
-                    f"{self.file}: {where}: unknown key (expected one of {', '.join(sorted(allowed))})"
+                    f"{self.file}: {where}: unknown key ({hint}expected one of "
+                    f"{', '.join(sorted(allowed))})"
                 )
         return value
 
@@ -427,6 +447,16 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
             s.get("n_startup_trials", 4), "sampler.n_startup_trials", minimum=0
         ),
     )
+    sch = r.mapping(doc.get("scheduler"), "scheduler", {"type", "grace_epochs", "reduction_factor"})
+    scheduler = Scheduler(
+        type=r.choice(sch.get("type", "fifo"), "scheduler.type", SCHEDULERS),
+        grace_epochs=r.integer(sch.get("grace_epochs", 1), "scheduler.grace_epochs", minimum=1),
+        reduction_factor=r.integer(
+            sch.get("reduction_factor", 3), "scheduler.reduction_factor", minimum=2
+        ),
+    )
+    if scheduler.type == "fifo" and set(sch) - {"type"}:
+        raise r.fail("scheduler", "no grace_epochs/reduction_factor with type fifo (no stopping)")
     b = r.mapping(doc.get("budget"), "budget", {"num_samples", "max_concurrent", "max_failures"})
     budget = Budget(
         num_samples=r.integer(b.get("num_samples", 8), "budget.num_samples", minimum=1),
@@ -471,6 +501,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         resources=resources,
         baseline=baseline,
         description=str(description),
+        scheduler=scheduler,
     )
     _check_trial_keys(space)
     if baseline.enabled and sampler.type != "grid":  # a grid's baselines are its λ = 0 points

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
+from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
 
 SWEEP_TAG = "monoray.sweep"
@@ -29,6 +30,8 @@ TRIAL_TAG = "monoray.optuna_trial"
 RAY_TRIAL_TAG = "monoray.ray_trial_id"
 PARETO_TAG = "monoray.pareto"
 ERROR_TAG = "monoray.error"
+STOPPED_TAG = "monoray.stopped"
+"""On a trial MO-ASHA stopped (status KILLED): the rung, epoch and why."""
 # Result keys that are bookkeeping, not metrics.
 _NOT_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid"}
 _MAX_PARAM = 6000
@@ -252,7 +255,10 @@ class MlflowTracker(Callback):
         reason = failure_reason(result, self.metrics, error=False)
         if trial.checkpoint is not None and trial.checkpoint.path:
             self.log_checkpoint(run_id, trial.checkpoint)
-        if reason is None:
+        if reason is None and result.get(STOPPED_KEY):
+            self.client.set_tag(run_id, STOPPED_TAG, str(result[STOPPED_KEY]))
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        elif reason is None:
             self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         else:
             self.fail(run_id, reason)
