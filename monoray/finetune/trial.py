@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from monoray.finetune.config import FinetuneConfig
-from monoray.runs.workers import checkpoint_epoch, epoch_report, fit_torch_workers, write_status
+from monoray.runs.workers import (
+    checkpoint_epoch,
+    epoch_report,
+    fit_torch_workers,
+    report_to_tune,
+    write_status,
+)
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -165,15 +171,7 @@ def finetune_trial(
         max_failures=max_failures,
         callbacks=[TuneReportCallback()],
     )
-    if result.return_value is not None:
-        # A finished result without objectives: FAILED once in Optuna and MLflow, not retried.
-        tune.report(dict(result.return_value))
-        return
-    final = dict(result.metrics or {})
-    if result.checkpoint is None:
-        tune.report(final)
-    else:
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(result.checkpoint.path))
+    report_to_tune(result)
 
 
 def _in_process(cfg: FinetuneConfig) -> None:

@@ -95,3 +95,20 @@ def fit_torch_workers(
         ),
     )
     return trainer.fit()
+
+
+def report_to_tune(result: Any) -> None:
+    """End a Tune trial that ran Train workers: their failure report (a finished result
+    without objectives: FAILED once in Optuna and MLflow, not retried), else the final
+    metrics with the final checkpoint (so the tracker and Pareto code see it as for
+    in-process trials)."""
+    from ray import tune
+
+    if result.return_value is not None:
+        tune.report(dict(result.return_value))
+        return
+    final = dict(result.metrics or {})
+    if result.checkpoint is None:
+        tune.report(final)
+    else:
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(result.checkpoint.path))

@@ -226,6 +226,7 @@ def sae_workers_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from monoray.runs.workers import report_to_tune
     from monoray.sweep.trial import trial_params
 
     cfg = TrainConfig.from_dict({**trial_params(config), "d_in": d_in})
@@ -240,15 +241,7 @@ def sae_workers_trial(
         max_failures=max_failures,
         callbacks=[TuneReportCallback()],
     )
-    if result.return_value is not None:
-        # A finished result without objectives: FAILED once in Optuna and MLflow, not retried.
-        tune.report(dict(result.return_value))
-        return
-    final = dict(result.metrics or {})
-    if result.checkpoint is None:
-        tune.report(final)
-    else:
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(result.checkpoint.path))
+    report_to_tune(result)
 
 
 def sae_workers_trainable(space: Any, *, d_in: int, storage: Path) -> Any:
