@@ -594,6 +594,7 @@ def n_finished(root: Path, name: str) -> int:
     return sum(state in ("COMPLETE", "FAIL") for state, _ in study_trials(root, name))
 
 
+@pytest.mark.slow  # ~70 s each on 2 CPUs: `make test-all`; the mid-sweep drill runs in `make test`
 @pytest.mark.timeout(1200)
 def test_driver_killed_before_any_trial_completes(tmp_path: Path) -> None:
     root, name, budget, epochs = tmp_path / "runs", "early", 3, 3
@@ -628,6 +629,7 @@ def test_driver_killed_mid_sweep_with_trials_running(tmp_path: Path) -> None:
     resumed_to_the_end(root, name, cmd, budget)
 
 
+@pytest.mark.slow  # ~70 s each on 2 CPUs: `make test-all`; the mid-sweep drill runs in `make test`
 @pytest.mark.timeout(1200)
 def test_driver_killed_after_the_last_trial_before_the_pareto_publish(tmp_path: Path) -> None:
     root, name, budget, epochs = tmp_path / "runs", "late", 3, 2
