@@ -28,8 +28,8 @@ import torch
 from monoray import __version__
 from monoray.data import FeatureSplits, load_features, split_random
 from monoray.plots import plot_monoscore_profile
+from monoray.runs.checkpoint import load_checkpoint
 from monoray.train import TrainConfig, train_sae
-from monoray.train.checkpoint import load_checkpoint
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "vanilla", "matryoshka")
 GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)

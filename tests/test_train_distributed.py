@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from monoray.data import load_features
+from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
 from monoray.sae import SAEConfig, build_sae
 from monoray.sae.collective import Collective, Ranks
 from monoray.sae.sparse import batch_topk
 from monoray.train import TrainConfig, train_sae
-from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -16,15 +16,10 @@ import torch
 
 from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
+from monoray.runs.checkpoint import load_checkpoint
+from monoray.runs.outcome import DivergedError
 from monoray.sae import TOPK_FAMILY, build_sae
-from monoray.train import (
-    VAL_KEYS,
-    DivergedError,
-    TrainConfig,
-    evaluate,
-    load_checkpoint,
-    train_sae,
-)
+from monoray.train import VAL_KEYS, TrainConfig, evaluate, train_sae
 
 # Small and quick on 2 CPU cores: 8 epochs of 45 steps, a few seconds per architecture.
 FAST = {

@@ -144,10 +144,3 @@ def run(args: argparse.Namespace) -> int:
     if r.n_bad:
         print(f"{r.n_bad} unreadable images skipped, listed in {r.bad_images}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":  # `python -m monoray.extract.cli ...` until `extract` is in COMMANDS
-    from monoray import cli
-
-    cli.COMMANDS.setdefault("extract", "monoray.extract.cli")
-    raise SystemExit(cli.main(["extract", *sys.argv[1:]]))

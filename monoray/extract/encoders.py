@@ -32,8 +32,8 @@ from typing import Any, Literal, assert_never
 
 import numpy as np
 
-from monoray.data.store import sha256_file
 from monoray.errors import InputError
+from monoray.runs.files import sha256_file
 
 Library = Literal["open_clip", "timm"]
 RANDOM_INIT = "random-init"

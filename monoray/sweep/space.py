@@ -17,7 +17,7 @@ import difflib
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,24 +25,17 @@ from typing import Any, Literal
 import yaml
 
 from monoray.errors import InputError
-from monoray.train.evaluate import VAL_KEYS
+from monoray.trials import KINDS, TrialKind
 
-Kind = Literal["sae", "finetune"]
 ParamType = Literal["loguniform", "uniform", "int", "categorical"]
 SamplerType = Literal["tpe", "nsga2", "gp", "random", "grid"]
 SchedulerType = Literal["fifo", "mo_asha"]
 Mode = Literal["max", "min"]
 
-KINDS = ("sae", "finetune")
 PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 SCHEDULERS = ("fifo", "mo_asha")
 MODES = ("max", "min")
-DEFAULT_OBJECTIVES = (("r2", "max"), ("monoscore_mean", "max"))
-DEFAULT_FINETUNE_OBJECTIVES = (("accuracy", "max"), ("monoscore_mean", "max"))
-# Metrics a trial reports (val split, last epoch) that objectives/constraints may name.
-SAE_METRICS = VAL_KEYS
-FINETUNE_METRICS = ("accuracy", "top5", "monoscore_mean", "monoscore_mean_active", "purity_binary")
 _MAX_INT_FLOAT = 2**1023
 """Larger YAML integers do not convert to a float."""
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
@@ -152,7 +145,8 @@ class Data:
 class SweepSpace:
     path: Path
     name: str
-    kind: Kind
+    kind: str
+    """A name in `monoray.trials.KINDS`."""
     data: Data
     fixed: dict[str, Any]
     search: tuple[Param, ...]
@@ -164,6 +158,13 @@ class SweepSpace:
     baseline: Baseline
     description: str = ""
     scheduler: Scheduler = Scheduler()
+
+    @property
+    def trial_kind(self) -> TrialKind:
+        return KINDS[self.kind]
+
+    def extreme_points(self) -> Iterator[dict[str, Any]]:
+        return extreme_points(self)
 
     @property
     def metric_names(self) -> list[str]:
@@ -316,10 +317,10 @@ def _constraint(r: _Reader, index: int, raw: Any, metrics: tuple[str, ...]) -> C
     return Constraint(metric, op, value)  # type: ignore[arg-type]
 
 
-def _objectives(r: _Reader, raw: Any, metrics: tuple[str, ...]) -> tuple[Objective, ...]:
+def _objectives(r: _Reader, raw: Any, kind: TrialKind) -> tuple[Objective, ...]:
+    metrics = kind.metrics
     if raw is None:
-        default = DEFAULT_FINETUNE_OBJECTIVES if metrics == FINETUNE_METRICS else DEFAULT_OBJECTIVES
-        return tuple(Objective(m, mode) for m, mode in default)  # type: ignore[arg-type]
+        return tuple(Objective(m, mode) for m, mode in kind.objectives)  # type: ignore[arg-type]
     if not isinstance(raw, list) or not raw:
         raise r.fail("objectives", "a non-empty list of {metric, mode}", raw)
     out = []
@@ -384,8 +385,9 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     r.mapping(doc, TOP, TOP_KEYS)
     from_command_line = {item.partition("=")[0].strip() for item in overrides or []}
 
-    kind = r.choice(doc.get("kind", "sae"), "kind", KINDS)
-    metrics = SAE_METRICS if kind == "sae" else FINETUNE_METRICS
+    kind = r.choice(doc.get("kind", "sae"), "kind", tuple(KINDS))
+    trial_kind = KINDS[kind]
+    metrics = trial_kind.metrics
     name = doc.get("name") or file.stem
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise r.fail("name", "letters, digits, '.', '_' or '-'", name)
@@ -426,7 +428,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
                     f"search.{p.name}.when.{other}", "a searched parameter listed above it"
                 )
 
-    objectives = _objectives(r, doc.get("objectives"), metrics)
+    objectives = _objectives(r, doc.get("objectives"), trial_kind)
     constraints_raw = doc.get("constraints") or []
     if not isinstance(constraints_raw, list):
         raise r.fail(
@@ -562,10 +564,11 @@ def _check_baseline_value(r: _Reader, p: Param, value: Any) -> None:
 
 
 def _embeddings(r: _Reader, kind: str, value: Any, from_command_line: set[str]) -> str | None:
-    """`data.embeddings`: required for finetune spaces (the images' CLIP embeddings), else absent."""
-    if kind != "finetune":
+    """`data.embeddings`: required where the kind takes it (finetune: the images' CLIP
+    embeddings), else absent."""
+    if "embeddings" not in KINDS[kind].data_keys:
         if value is not None:
-            raise r.fail("data.embeddings", "no embeddings for a kind: sae space", value)
+            raise r.fail("data.embeddings", f"no embeddings for a kind: {kind} space", value)
         return None
     if not isinstance(value, str) or not value:
         raise r.fail("data.embeddings", "the path of the images' embedding store", value)
@@ -596,8 +599,8 @@ def _zero_rows(r: _Reader, kind: str, value: Any) -> str:
     """`data.zero_rows`: SAE features only (finetune embeddings keep zero rows at similarity 0)."""
     from monoray.data import ZERO_ROWS
 
-    if kind != "sae" and value != "keep":
-        raise r.fail("data.zero_rows", "no zero_rows for a kind: finetune space", value)
+    if "zero_rows" not in KINDS[kind].data_keys and value != "keep":
+        raise r.fail("data.zero_rows", f"no zero_rows for a kind: {kind} space", value)
     return r.choice(value, "data.zero_rows", ZERO_ROWS)
 
 
@@ -626,9 +629,7 @@ def _data_path(r: _Reader, key: str, value: str, from_command_line: set[str]) ->
 
 def _check_trial_keys(space: SweepSpace) -> None:
     """Fixed and searched names must be keys the trial's config accepts."""
-    from monoray.sweep.trial import config_keys
-
-    allowed = config_keys(space.kind)
+    allowed = space.trial_kind.config_keys()
     for where, names in (("fixed", space.fixed), ("search", [p.name for p in space.search])):
         for name in names:
             if name not in allowed:
@@ -666,16 +667,6 @@ def extreme_points(space: SweepSpace) -> Iterator[dict[str, Any]]:
         if key not in seen:
             seen.add(key)
             yield point
-
-
-def check_extreme_points(space: SweepSpace, build: Callable[[dict[str, Any]], object]) -> None:
-    """`build(fixed + point)` for every extreme point; the first failure as one `InputError`."""
-    for point in extreme_points(space):
-        try:
-            build({**space.fixed, **point})
-        except InputError as err:
-            at = f" (at search point {point})" if point else ""
-            raise InputError(f"{space.path}: {err}{at}") from None
 
 
 def _as_int(p: Param) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
+from monoray.runs.device import check_device
 from monoray.sae import SAEConfig, config_from_dict, config_to_dict
 from monoray.train.schedule import check_schedule
 
@@ -137,11 +138,7 @@ class TrainConfig:
                 f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
             )
         check_schedule(self)
-        dev = self.device
-        if not (
-            dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
-        ):
-            raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        check_device(self.device)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with flat keys changed (validated like `from_dict`)."""

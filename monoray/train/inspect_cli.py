@@ -83,11 +83,11 @@ def pick_groups(acts: np.ndarray, per: int) -> dict[str, np.ndarray]:
 def run(args: argparse.Namespace) -> int:
     from monoray.data import DataSource, load_features, load_source
     from monoray.plots import LatentPanel, Sample, plot_activation_grid
+    from monoray.runs.checkpoint import load_checkpoint
+    from monoray.runs.device import resolve_device
     from monoray.sae import build_sae
-    from monoray.train.checkpoint import load_checkpoint
     from monoray.train.config import TrainConfig
     from monoray.train.evaluate import evaluate
-    from monoray.train.trainer import resolve_device
 
     if not args.dir.exists():
         raise InputError(f"{args.dir}: no such directory")

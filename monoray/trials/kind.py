@@ -1,0 +1,51 @@
+"""`TrialKind`: everything the sweep needs to know about one kind of trial.
+
+A kind module (`monoray/trials/sae.py`, `finetune.py`, ...) builds one `TrialKind`;
+`monoray/trials/__init__.py` lists them. The space loader, the runner, the MO-ASHA
+scheduler and the Tune trial go through this record only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monoray.sweep.space import SweepSpace
+
+
+@dataclass(frozen=True, slots=True)
+class TrialKind:
+    name: str
+    """`kind:` in a space file."""
+    config: type
+    """The trial's flat config dataclass (its field defaults are the space's defaults)."""
+    config_keys: Callable[[], frozenset[str]]
+    """Names a space's `fixed` and `search` may set."""
+    metrics: tuple[str, ...]
+    """What a trial reports every epoch; objectives and constraints name these."""
+    objectives: tuple[tuple[str, str], ...]
+    """(metric, mode) of the objectives when a space gives none."""
+    data_keys: frozenset[str]
+    """`data` keys beyond features / val_features / subset that the kind takes."""
+    preflight: Callable[[SweepSpace], Any]
+    """Fails before Ray starts (every extreme search point builds, the data opens); its
+    return value (e.g. the loaded splits) goes to `trainable`."""
+    trainable: Callable[[SweepSpace, Any, Path], Any]
+    """`(space, preflight's value, storage of Train runs)` -> the Tune trainable with resources."""
+    demand: Callable[[SweepSpace], tuple[float, float]]
+    """(CPUs, GPUs) one trial occupies."""
+
+
+def check_points(space: SweepSpace, build: Callable[[dict[str, Any]], object]) -> None:
+    """`build(fixed + point)` for every extreme point of the space (see `extreme_points`)."""
+    from monoray.errors import InputError
+
+    for point in space.extreme_points():
+        try:
+            build({**space.fixed, **point})
+        except InputError as err:
+            at = f" (at search point {point})" if point else ""
+            raise InputError(f"{space.path}: {err}{at}") from None
