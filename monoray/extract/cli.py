@@ -56,7 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (local mode)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument(
-        "--normalise",
+        "--normalize",
+        "--normalise",  # the old spelling; `train --normalize` is the one documented
+        dest="normalise",
         default="unit",
         choices=NORMALISATIONS,
         help="unit: L2-normalise features (default)",

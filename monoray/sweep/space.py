@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from monoray.configs import field_defaults
 from monoray.errors import InputError
 from monoray.trials import KINDS, TrialKind
 
@@ -385,6 +386,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     r.mapping(doc, TOP, TOP_KEYS)
     from_command_line = {item.partition("=")[0].strip() for item in overrides or []}
 
+    defaults = {cls: field_defaults(cls) for cls in (Data, Sampler, Scheduler, Budget, Resources)}
     kind = r.choice(doc.get("kind", "sae"), "kind", tuple(KINDS))
     trial_kind = KINDS[kind]
     metrics = trial_kind.metrics
@@ -395,7 +397,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     data_raw = r.mapping(
         doc.get("data"), "data", {"features", "val_features", "subset", "embeddings", "zero_rows"}
     )
-    features = data_raw.get("features", "digits")
+    features = data_raw.get("features", defaults[Data]["features"])
     if not isinstance(features, str) or not features:
         raise r.fail("data.features", "'digits' or a path", features)
     val_features = data_raw.get("val_features")
@@ -411,7 +413,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         else None,
         subset=subset,
         embeddings=_embeddings(r, kind, data_raw.get("embeddings"), from_command_line),
-        zero_rows=_zero_rows(r, kind, data_raw.get("zero_rows", "keep")),
+        zero_rows=_zero_rows(r, kind, data_raw.get("zero_rows", defaults[Data]["zero_rows"])),
     )
 
     fixed = r.mapping(doc.get("fixed"), "fixed", None)
@@ -440,36 +442,58 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         doc.get("sampler"), "sampler", {"type", "seed", "population_size", "n_startup_trials"}
     )
     sampler = Sampler(
-        type=r.choice(s.get("type", "tpe"), "sampler.type", SAMPLERS),
-        seed=r.integer(s.get("seed", 42), "sampler.seed", minimum=0),
+        type=r.choice(s.get("type", defaults[Sampler]["type"]), "sampler.type", SAMPLERS),
+        seed=r.integer(s.get("seed", defaults[Sampler]["seed"]), "sampler.seed", minimum=0),
         population_size=r.integer(
-            s.get("population_size", 8), "sampler.population_size", minimum=2
+            s.get("population_size", defaults[Sampler]["population_size"]),
+            "sampler.population_size",
+            minimum=2,
         ),
         n_startup_trials=r.integer(
-            s.get("n_startup_trials", 4), "sampler.n_startup_trials", minimum=0
+            s.get("n_startup_trials", defaults[Sampler]["n_startup_trials"]),
+            "sampler.n_startup_trials",
+            minimum=0,
         ),
     )
     sch = r.mapping(doc.get("scheduler"), "scheduler", {"type", "grace_epochs", "reduction_factor"})
     scheduler = Scheduler(
-        type=r.choice(sch.get("type", "fifo"), "scheduler.type", SCHEDULERS),
-        grace_epochs=r.integer(sch.get("grace_epochs", 1), "scheduler.grace_epochs", minimum=1),
+        type=r.choice(sch.get("type", defaults[Scheduler]["type"]), "scheduler.type", SCHEDULERS),
+        grace_epochs=r.integer(
+            sch.get("grace_epochs", defaults[Scheduler]["grace_epochs"]),
+            "scheduler.grace_epochs",
+            minimum=1,
+        ),
         reduction_factor=r.integer(
-            sch.get("reduction_factor", 3), "scheduler.reduction_factor", minimum=2
+            sch.get("reduction_factor", defaults[Scheduler]["reduction_factor"]),
+            "scheduler.reduction_factor",
+            minimum=2,
         ),
     )
     if scheduler.type == "fifo" and set(sch) - {"type"}:
         raise r.fail("scheduler", "no grace_epochs/reduction_factor with type fifo (no stopping)")
     b = r.mapping(doc.get("budget"), "budget", {"num_samples", "max_concurrent", "max_failures"})
     budget = Budget(
-        num_samples=r.integer(b.get("num_samples", 8), "budget.num_samples", minimum=1),
-        max_concurrent=r.integer(b.get("max_concurrent", 2), "budget.max_concurrent", minimum=1),
-        max_failures=r.integer(b.get("max_failures", 3), "budget.max_failures", minimum=0),
+        num_samples=r.integer(
+            b.get("num_samples", defaults[Budget]["num_samples"]), "budget.num_samples", minimum=1
+        ),
+        max_concurrent=r.integer(
+            b.get("max_concurrent", defaults[Budget]["max_concurrent"]),
+            "budget.max_concurrent",
+            minimum=1,
+        ),
+        max_failures=r.integer(
+            b.get("max_failures", defaults[Budget]["max_failures"]),
+            "budget.max_failures",
+            minimum=0,
+        ),
     )
     res = r.mapping(doc.get("resources"), "resources", {"cpu", "gpu", "workers"})
     resources = Resources(
-        cpu=r.number(res.get("cpu", 1), "resources.cpu", positive=True),
-        gpu=_non_negative(r, res.get("gpu", 0), "resources.gpu"),
-        workers=r.integer(res.get("workers", 0), "resources.workers", minimum=0),
+        cpu=r.number(res.get("cpu", defaults[Resources]["cpu"]), "resources.cpu", positive=True),
+        gpu=_non_negative(r, res.get("gpu", defaults[Resources]["gpu"]), "resources.gpu"),
+        workers=r.integer(
+            res.get("workers", defaults[Resources]["workers"]), "resources.workers", minimum=0
+        ),
     )
     base = doc.get("baseline", True)
     if isinstance(base, bool):
