@@ -112,12 +112,13 @@ def add_config_flags(
     *,
     help: Mapping[str, str] | None = None,
     choices: Mapping[str, Sequence[str]] | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """One `--key-name` flag per config key, typed, documented and defaulted from the dataclasses.
 
     Flags default to None (the config's default applies), so a run's config holds
     only what was given. A key no class declares (a derived key such as
-    `expansion`) is a float.
+    `expansion`) is a float. `aliases` keeps old spellings of a flag working.
     """
     hints: dict[str, Any] = {}
     docs: dict[str, str] = {}
@@ -140,4 +141,5 @@ def add_config_flags(
         shown = f" (default: {defaults[key]})" if key in defaults else ""
         text = (help or {}).get(key) or docs.get(key) or key.replace("_", " ")
         kwargs["help"] = text.replace("%", "%%") + shown
-        group.add_argument(f"--{key.replace('_', '-')}", **kwargs)
+        flags = [f"--{key.replace('_', '-')}", *(aliases or {}).get(key, ())]
+        group.add_argument(*flags, **kwargs)

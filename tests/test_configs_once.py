@@ -58,4 +58,4 @@ def test_extract_normalize_has_one_spelling_and_keeps_the_old(flag: str) -> None
             "none",
         ]
     )
-    assert args.normalise == "none"
+    assert args.normalize == "none"

@@ -33,6 +33,12 @@ IMPLS: tuple[str, ...] = typing.get_args(Impl)
 
 SCHEMA_VERSION = 1
 
+COMMON_KEYS = frozenset(
+    {"arch", "d_in", "d_sae", "mono_coef", "mono_eps", "mono_precision", "recon_loss", "impl"}
+    | {"seed", "schema_version"}
+)
+"""Fields every architecture reads: shape, MonoLoss, reconstruction loss, implementation, init."""
+
 
 @dataclass(frozen=True, slots=True)
 class SAEConfig:
@@ -171,7 +177,7 @@ def config_to_dict(cfg: SAEConfig) -> dict[str, Any]:
     return d
 
 
-def config_from_dict(d: dict[str, Any]) -> SAEConfig:
+def parse_config(d: dict[str, Any]) -> SAEConfig:
     """Build an `SAEConfig`; an unknown key raises `InputError` naming it and the allowed keys.
 
     Numbers given as strings ("1e-4", as YAML writes them) or as floats with an

@@ -155,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         ckpt = load_checkpoint(args.out / CHECKPOINTS, with_optimizer=False)
         if ckpt is not None:
-            flat = dict(ckpt.config)
+            from monoray.sae import drop_unused
+
+            flat = drop_unused(ckpt.config)
             data = {**data, **(ckpt.data or {})}
     if args.config is not None:
         flat.update(read_config_file(args.config))

@@ -28,7 +28,7 @@ from monoray.runs.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, sa
 from monoray.runs.device import resolve_device
 from monoray.runs.outcome import DivergedError, write_outputs
 from monoray.runs.seeding import epoch_seed
-from monoray.sae import build_sae
+from monoray.sae import build_sae, drop_unused
 from monoray.sae.collective import Collective
 from monoray.train.config import TrainConfig
 from monoray.train.distributed import check_shards
@@ -129,7 +129,7 @@ def _progress_bar(total: int, done: int, enabled: bool | None) -> _Progress | No
 def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
     # Keys added since: their defaults, unless the old behaviour differs from them.
-    then = TrainConfig.from_dict({**BEFORE_KEY_EXISTED, **ckpt.config}).to_dict()
+    then = TrainConfig.from_dict(drop_unused({**BEFORE_KEY_EXISTED, **ckpt.config})).to_dict()
     may_differ = set(RESUME_MAY_DIFFER) - ({"epochs"} if length_dependent(cfg) else set())
     for key in sorted(set(now) | set(then)):
         if key in may_differ:

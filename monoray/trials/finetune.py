@@ -7,6 +7,7 @@ With `resources.workers == 0` the trial trains in its own process; with
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,53 +60,28 @@ def check_finetune_space(space: SweepSpace) -> None:
 
 
 def finetune_trial(
-    config: dict[str, Any],
-    *,
-    data: dict[str, Any],
-    storage: str,
-    workers: int,
-    cpu_per_worker: float,
-    gpu_per_worker: float,
-    max_failures: int,
+    config: dict[str, Any], *, data: dict[str, Any], group: trial.WorkerGroup
 ) -> None:
     """Tune function trainable of a `kind: finetune` space.
 
-    `data` holds the space's data keys (images, embeddings, subset), `storage`
-    the directory of the trials' Train runs.
+    `data` holds the space's data keys (images, embeddings, subset); with
+    `group.workers == 0` the trial trains in its own process.
     """
     cfg = FinetuneConfig.from_dict({**trial.trial_params(config), **data})
-    if workers == 0:
-
-        def fit(out_dir: Path, resume_from: Path | None, on_epoch: trial.OnEpoch) -> dict[str, Any]:
-            return train_finetune(cfg, out_dir=out_dir, resume_from=resume_from, on_epoch=on_epoch)
-
-        trial.run_in_process(fit, cfg.epochs)
+    if group.workers >= 1:
+        trial.run_on_workers(functools.partial(fit_distributed, cfg), group)
         return
-    trial.run_on_workers(
-        lambda name, callbacks: fit_distributed(
-            cfg,
-            workers=workers,
-            storage_path=storage,
-            name=name,
-            cpu_per_worker=cpu_per_worker,
-            gpu_per_worker=gpu_per_worker,
-            max_failures=max_failures,
-            callbacks=callbacks,
-        )
-    )
+
+    def fit(out_dir: Path, resume_from: Path | None, on_epoch: trial.OnEpoch) -> dict[str, Any]:
+        return train_finetune(cfg, out_dir=out_dir, resume_from=resume_from, on_epoch=on_epoch)
+
+    trial.run_in_process(fit, cfg.epochs)
 
 
 def trainable(space: SweepSpace, _: None, storage: Path) -> Any:
     """The Tune trainable; `resources.cpu` / `gpu` are per Train worker when `workers >= 1`."""
-    r = space.resources
     fn = tune.with_parameters(
-        finetune_trial,
-        data=space_data(space),
-        storage=str(storage),
-        workers=r.workers,
-        cpu_per_worker=r.cpu,
-        gpu_per_worker=r.gpu,
-        max_failures=space.budget.max_failures,
+        finetune_trial, data=space_data(space), group=trial.WorkerGroup.of(space, storage)
     )
     return trial.with_resources(fn, space, on_workers=_on_workers(space))
 

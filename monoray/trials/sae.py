@@ -8,6 +8,7 @@ open the data themselves.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,31 +75,11 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
 
 
 def sae_workers_trial(
-    config: dict[str, Any],
-    *,
-    data: dict[str, Any],
-    d_in: int,
-    storage: str,
-    workers: int,
-    cpu_per_worker: float,
-    gpu_per_worker: float,
-    max_failures: int,
+    config: dict[str, Any], *, data: dict[str, Any], d_in: int, group: trial.WorkerGroup
 ) -> None:
     """Tune function trainable of a space with `resources.workers >= 2`."""
     cfg = TrainConfig.from_dict({**trial.trial_params(config), "d_in": d_in})
-    trial.run_on_workers(
-        lambda name, callbacks: fit_sae_workers(
-            cfg,
-            data,
-            workers=workers,
-            storage_path=storage,
-            name=name,
-            cpu_per_worker=cpu_per_worker,
-            gpu_per_worker=gpu_per_worker,
-            max_failures=max_failures,
-            callbacks=callbacks,
-        )
-    )
+    trial.run_on_workers(functools.partial(fit_sae_workers, cfg, data), group)
 
 
 def trainable(space: SweepSpace, splits: FeatureSplits, storage: Path) -> Any:
@@ -106,16 +87,12 @@ def trainable(space: SweepSpace, splits: FeatureSplits, storage: Path) -> Any:
     if not _on_workers(space):
         fn = tune.with_parameters(sae_trial, splits=splits)
         return trial.with_resources(fn, space, on_workers=False)
-    r, d = space.resources, space.data
+    d = space.data
     fn = tune.with_parameters(
         sae_workers_trial,
         data=data_spec(d.features, d.val_features, subset=d.subset),
         d_in=splits.train.dim,
-        storage=str(storage),
-        workers=r.workers,
-        cpu_per_worker=r.cpu,
-        gpu_per_worker=r.gpu,
-        max_failures=space.budget.max_failures,
+        group=trial.WorkerGroup.of(space, storage),
     )
     return trial.with_resources(fn, space, on_workers=True)
 

@@ -8,8 +8,10 @@ checkpoints, `tune.report`) and them, in the trial's own process
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,27 @@ DRIVER_CPU = 1.0
 OnEpoch = Callable[[int, dict[str, Any], Path | None], None]
 Fit = Callable[[Path, Path | None, OnEpoch], dict[str, Any]]
 """`fit(out_dir, resume_from, on_epoch) -> final metrics`: one run of a kind, in process."""
-FitWorkers = Callable[[str, list[Any]], Any]
-"""`fit(run_name, callbacks) -> ray.train.Result`: one run of a kind on Train workers."""
+FitWorkers = Callable[..., Any]
+"""`fit(*, name, callbacks, **WorkerGroup fields) -> ray.train.Result`: a kind's Train launcher
+(`fit_sae_workers`, `fit_distributed`) with the config bound."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerGroup:
+    """The Ray Train workers of each trial of a space: `resources` and `budget.max_failures`."""
+
+    workers: int
+    cpu_per_worker: float
+    gpu_per_worker: float
+    max_failures: int
+    """Worker-group restarts from the last checkpoint before the trial fails."""
+    storage_path: str
+    """Where the trials' Train runs keep their checkpoints."""
+
+    @classmethod
+    def of(cls, space: Any, storage: Path) -> WorkerGroup:
+        r = space.resources
+        return cls(r.workers, r.cpu, r.gpu, space.budget.max_failures, str(storage))
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -76,11 +97,15 @@ def run_in_process(fit: Fit, epochs: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_on_workers(fit: FitWorkers) -> None:
+def run_on_workers(fit: FitWorkers, group: WorkerGroup) -> None:
     """Train on Ray Train workers; every epoch's metrics are forwarded to Tune as they come."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    result = fit(f"trial-{tune.get_context().get_trial_id()}", [TuneReportCallback()])
+    result = fit(
+        name=f"trial-{tune.get_context().get_trial_id()}",
+        callbacks=[TuneReportCallback()],
+        **{f.name: getattr(group, f.name) for f in dataclasses.fields(group)},
+    )
     report_to_tune(result)
 
 
