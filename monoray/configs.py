@@ -21,17 +21,29 @@ from typing import Any
 from monoray.errors import InputError
 
 
+def closest(key: Any, allowed: Iterable[str], *, cutoff: float = 0.6) -> str | None:
+    """The allowed key `key` most likely misspells, if any (the did-you-mean hint)."""
+    near = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=cutoff)
+    return near[0] if near else None
+
+
 def reject_unknown_keys(d: Iterable[Any], allowed: Sequence[str], what: str) -> None:
     """One `InputError` for the first key not in `allowed`, with the closest match as a hint."""
     for key in d:
         if key not in allowed:
-            near = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            near = closest(key, allowed)
+            hint = f" (did you mean {near!r}?)" if near else ""
             raise InputError(f"unknown {what} key {key!r}{hint}")
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """Make YAML/Tune values (numpy scalars, 1e-4 as str, 3.0 for an int) the field's type."""
+    """Make YAML/Tune values (numpy scalars, 1e-4 as str, 3.0 for an int) the field's type;
+    a tuple field (`tuple[int, ...]`) takes a list or tuple and coerces each item."""
+    if isinstance(value, list | tuple):
+        for option in typing.get_args(hint) or (hint,):
+            if typing.get_origin(option) is tuple:
+                item = typing.get_args(option)[0]
+                return tuple(coerce(key, v, item) for v in value)
     base = {int, float, str, bool}
     types = [t for t in typing.get_args(hint) or (hint,) if t in base]
     if not types or value is None:
@@ -46,13 +58,15 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if isinstance(value, bool):  # YAML `true` is no number
+            raise ValueError(value)
         if t is int:
             f = float(value)
             if f != int(f):
                 raise ValueError(value)
             return int(f)
         return t(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"{key} must be {t.__name__}, got {value!r}") from None
 
 

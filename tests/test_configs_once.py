@@ -1,5 +1,7 @@
 """Configs written once: one device check, one flag generator, one spelling per option."""
 
+import dataclasses
+
 import pytest
 
 from monoray.cli import build_parser
@@ -59,3 +61,27 @@ def test_extract_normalize_has_one_spelling_and_keeps_the_old(flag: str) -> None
         ]
     )
     assert args.normalize == "none"
+
+
+def test_one_seed_per_run() -> None:
+    # It used to be two fields, SAEConfig.seed always overwritten by TrainConfig.seed.
+    assert "seed" not in {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig.from_dict({**SAE, "seed": "7"})
+    assert cfg.seed == cfg.sae.seed == 7
+    assert list(cfg.to_dict()).count("seed") == 1
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("flat", "message"),
+    [
+        ({**SAE, "epochs": True}, "epochs must be int, got True"),
+        ({**SAE, "k": True}, "k must be int, got True"),
+        ({**SAE, "lr": float("inf"), "epochs": float("inf")}, "epochs must be int, got inf"),
+        ({**SAE, "kk": 3}, "unknown config key 'kk' (did you mean 'k'?)"),
+    ],
+)
+def test_one_coercer_for_every_config(flat: dict, message: str) -> None:
+    with pytest.raises(InputError) as err:
+        TrainConfig.from_dict(flat)
+    assert str(err.value) == message

@@ -13,7 +13,6 @@ YAML is read with `yaml.safe_load`: a space cannot construct Python objects.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import re
@@ -24,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from monoray.configs import field_defaults
+from monoray.configs import closest, field_defaults
 from monoray.errors import InputError
 from monoray.trials import KINDS, TrialKind
 
@@ -221,8 +220,8 @@ class _Reader:
         for k in value:
             if allowed is not None and k not in allowed:
                 where = k if key == TOP else f"{key}.{k}"
-                near = difflib.get_close_matches(str(k), sorted(allowed), n=1, cutoff=0.5)
-                hint = f"did you mean {near[0]!r}? " if near else ""
+                near = closest(k, allowed, cutoff=0.5)
+                hint = f"did you mean {near!r}? " if near else ""
                 raise InputError(
                     f"{self.file}: {where}: unknown key ({hint}expected one of "
                     f"{', '.join(sorted(allowed))})"
