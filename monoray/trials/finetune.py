@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray import tune
 
@@ -20,19 +20,16 @@ from monoray.finetune.data import open_finetune_data
 from monoray.finetune.loop import train_finetune
 from monoray.finetune.trial import fit_distributed
 from monoray.trials import tune as trial
-from monoray.trials.kind import TrialKind, check_points
-
-if TYPE_CHECKING:
-    from monoray.sweep.space import SweepSpace
+from monoray.trials.kind import Space, TrialKind, check_points
 
 METRICS = ("accuracy", "top5", "monoscore_mean", "monoscore_mean_active", "purity_binary")
 
 
-def _on_workers(space: SweepSpace) -> bool:
+def _on_workers(space: Space) -> bool:
     return space.resources.workers >= 1
 
 
-def space_data(space: SweepSpace) -> dict[str, Any]:
+def space_data(space: Space) -> dict[str, Any]:
     """The finetune config keys a space's `data` section sets (images, embeddings, subset)."""
     return {
         "images": space.data.features,
@@ -41,7 +38,7 @@ def space_data(space: SweepSpace) -> dict[str, Any]:
     }
 
 
-def check_finetune_space(space: SweepSpace) -> None:
+def check_finetune_space(space: Space) -> None:
     """Fail before anything starts: every extreme search point builds, and the data opens."""
     data = space_data(space)
     if space.data.val_features is not None:
@@ -78,7 +75,7 @@ def finetune_trial(
     trial.run_in_process(fit, cfg.epochs)
 
 
-def trainable(space: SweepSpace, _: None, storage: Path) -> Any:
+def trainable(space: Space, _: None, storage: Path) -> Any:
     """The Tune trainable; `resources.cpu` / `gpu` are per Train worker when `workers >= 1`."""
     fn = tune.with_parameters(
         finetune_trial, data=space_data(space), group=trial.WorkerGroup.of(space, storage)

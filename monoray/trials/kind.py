@@ -7,13 +7,28 @@ scheduler and the Tune trial go through this record only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from monoray.sweep.space import SweepSpace
+from monoray.errors import InputError
+
+
+class Space(Protocol):
+    """What a kind reads of a sweep space (`monoray.sweep.space.SweepSpace`, a layer above)."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def fixed(self) -> dict[str, Any]: ...
+    @property
+    def data(self) -> Any: ...
+    @property
+    def resources(self) -> Any: ...
+    @property
+    def budget(self) -> Any: ...
+    def extreme_points(self) -> Iterator[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,19 +45,17 @@ class TrialKind:
     """(metric, mode) of the objectives when a space gives none."""
     data_keys: frozenset[str]
     """`data` keys beyond features / val_features / subset that the kind takes."""
-    preflight: Callable[[SweepSpace], Any]
+    preflight: Callable[[Space], Any]
     """Fails before Ray starts (every extreme search point builds, the data opens); its
     return value (e.g. the loaded splits) goes to `trainable`."""
-    trainable: Callable[[SweepSpace, Any, Path], Any]
+    trainable: Callable[[Space, Any, Path], Any]
     """`(space, preflight's value, storage of Train runs)` -> the Tune trainable with resources."""
-    demand: Callable[[SweepSpace], tuple[float, float]]
+    demand: Callable[[Space], tuple[float, float]]
     """(CPUs, GPUs) one trial occupies."""
 
 
-def check_points(space: SweepSpace, build: Callable[[dict[str, Any]], object]) -> None:
+def check_points(space: Space, build: Callable[[dict[str, Any]], object]) -> None:
     """`build(fixed + point)` for every extreme point of the space (see `extreme_points`)."""
-    from monoray.errors import InputError
-
     for point in space.extreme_points():
         try:
             build({**space.fixed, **point})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray import tune
 
@@ -20,22 +20,19 @@ from monoray.train.evaluate import VAL_KEYS
 from monoray.train.trainer import train_sae
 from monoray.train.workers import check_workers, data_spec, fit_sae_workers
 from monoray.trials import tune as trial
-from monoray.trials.kind import TrialKind, check_points
-
-if TYPE_CHECKING:
-    from monoray.sweep.space import Data, SweepSpace
+from monoray.trials.kind import Space, TrialKind, check_points
 
 
-def _on_workers(space: SweepSpace) -> bool:
+def _on_workers(space: Space) -> bool:
     return space.resources.workers >= 2
 
 
-def load_splits(data: Data) -> FeatureSplits:
+def load_splits(data: Any) -> FeatureSplits:
     splits = load_features(data.features, val_source=data.val_features, zero_rows=data.zero_rows)
     return splits if data.subset is None else splits.head(data.subset)
 
 
-def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
+def check_trial_config(space: Space, splits: FeatureSplits) -> None:
     """Fail before anything starts if the fixed params plus any extreme point do not build."""
     dim = splits.train.dim
     workers = space.resources.workers
@@ -56,7 +53,7 @@ def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
     check_points(space, build)
 
 
-def preflight(space: SweepSpace) -> FeatureSplits:
+def preflight(space: Space) -> FeatureSplits:
     splits = load_splits(space.data)
     check_trial_config(space, splits)
     return splits
@@ -82,7 +79,7 @@ def sae_workers_trial(
     trial.run_on_workers(functools.partial(fit_sae_workers, cfg, data), group)
 
 
-def trainable(space: SweepSpace, splits: FeatureSplits, storage: Path) -> Any:
+def trainable(space: Space, splits: FeatureSplits, storage: Path) -> Any:
     """In process (splits from the object store), or on Train workers (`resources` per worker)."""
     if not _on_workers(space):
         fn = tune.with_parameters(sae_trial, splits=splits)
