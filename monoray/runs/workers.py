@@ -2,7 +2,7 @@
 MonoScore profile in each checkpoint, worker status files and the `TorchTrainer` launch.
 
 SAE workers (`monoray.train.workers`), finetune workers (`monoray.finetune.trial`)
-and the in-process Tune trials (`monoray.sweep.trial`) report and launch through
+and the Tune trials (`monoray.trials.tune`) report and launch through
 these, so a trial looks the same to the tracker and the Pareto code whatever ran it.
 """
 
