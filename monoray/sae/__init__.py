@@ -6,8 +6,8 @@ BatchTopK, each in its own module, built from one `SAEConfig` by `build_sae`.
     out.loss.loss.backward()
 
 Adding an architecture: one module with a `SparseAutoencoder` subclass (its
-`CONFIG_KEYS` name the fields it reads), one name in `config.Arch` and one line in
-`ARCHITECTURES`.
+`MODEL_KEYS` and loss `TERMS` name the fields it reads), one name in `config.Arch` and
+one line in `ARCHITECTURES`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from monoray.sae.base import SAELoss, SAEOutput, SparseAutoencoder
 from monoray.sae.batchtopk import BatchTopKSAE
 from monoray.sae.config import (
     ARCH_NAMES,
-    COMMON_KEYS,
+    RECORD_KEYS,
     SCHEMA_VERSION,
     TOPK_FAMILY,
     SAEConfig,
+    SAELossConfig,
+    SAEModelConfig,
     config_to_dict,
     parse_config,
 )
@@ -49,8 +51,9 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
 
 
 def used_keys(arch: str) -> frozenset[str]:
-    """The `SAEConfig` fields architecture `arch` reads."""
-    return COMMON_KEYS | ARCHITECTURES[arch].CONFIG_KEYS
+    """The `SAEConfig` fields architecture `arch` reads: its model keys and its terms' keys."""
+    cls = ARCHITECTURES[arch]
+    return RECORD_KEYS | cls.MODEL_KEYS | frozenset().union(*(t.keys for t in cls.TERMS))
 
 
 def drop_unused(flat: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +99,8 @@ __all__ = [
     "MatryoshkaSAE",
     "SAEConfig",
     "SAELoss",
+    "SAELossConfig",
+    "SAEModelConfig",
     "SAEOutput",
     "SparseAutoencoder",
     "SparseLatents",

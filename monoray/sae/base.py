@@ -36,6 +36,7 @@ from monoray.sae.sparse import (
     encode_at,
     encode_dense,
 )
+from monoray.sae.terms import AUX_K, MONO, RECON, LossTerm
 
 SPARSE_MAX_DENSITY = 0.05
 """Above this share of firing latents the sparse kernels lose to dense GEMMs on CPU
@@ -106,22 +107,27 @@ class SAEOutput:
 class SparseAutoencoder(nn.Module):
     """Base of every architecture: linear encoder/decoder with unit-norm decoder rows."""
 
-    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset()
-    """`SAEConfig` fields this architecture reads beyond `config.COMMON_KEYS`: its loss terms
-    and options. Any other field set away from its default is refused (`check_used_keys`)."""
+    MODEL_KEYS: ClassVar[frozenset[str]] = frozenset({"arch", "d_in", "d_sae", "impl", "seed"})
+    """`SAEModelConfig` fields this architecture reads."""
+    TERMS: ClassVar[tuple[LossTerm, ...]] = (RECON, MONO)
+    """Its loss terms: their keys are the `SAELossConfig` fields it reads. These and
+    `MODEL_KEYS` are all it reads; any other field set away from its default is refused
+    (`monoray.sae.check_used_keys`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.model_cfg = model = cfg.model
+        self.loss_cfg = cfg.loss
         # The ranks a training batch is split over; the trainer sets `Ranks` for W > 1.
         self.collective: Collective = Collective()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        atoms = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        gen = torch.Generator().manual_seed(model.seed)
+        atoms = torch.randn(model.d_sae, model.d_in, generator=gen)
         atoms /= atoms.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(atoms)
         self.W_enc = nn.Parameter(atoms.clone())
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_enc = nn.Parameter(torch.zeros(model.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(model.d_in))
 
     # ---- public API ----------------------------------------------------------------
     def forward_train(self, x: Tensor, embeddings: Tensor | None = None) -> SAEOutput:
@@ -191,16 +197,16 @@ class SparseAutoencoder(nn.Module):
 
     def _sparse_by_device(self, x: Tensor) -> bool:
         """impl "auto": the sparse kernels on CPU; dense GEMMs on accelerators."""
-        if self.cfg.impl == "auto":
+        if self.model_cfg.impl == "auto":
             return x.device.type == "cpu"
-        return self.cfg.impl == "sparse"
+        return self.model_cfg.impl == "sparse"
 
     def _mono(self, embeddings: Tensor, latents: SparseLatents | Tensor) -> Tensor | None:
         """MonoLoss of the batch, or None (not computed at all) when mono_coef is 0."""
-        if self.cfg.mono_coef == 0:
+        if self.loss_cfg.mono_coef == 0:
             return None
         emb = embeddings.detach()
-        eps, precision = self.cfg.mono_eps, self.cfg.mono_precision
+        eps, precision = self.loss_cfg.mono_eps, self.loss_cfg.mono_precision
         if self.collective.size > 1:  # the global batch's loss; float64 whatever `precision`
             dense = latents if isinstance(latents, Tensor) else latents.to_dense()
             group = getattr(self.collective, "group", None)
@@ -219,14 +225,15 @@ class SparseAutoencoder(nn.Module):
         )
 
     def _recon_loss(self, recon: Tensor, target: Tensor) -> Tensor:
-        assert self.cfg.recon_loss is not None  # resolved per arch by SAEConfig
-        return recon_loss(recon, target, self.cfg.recon_loss, self.collective)
+        assert self.loss_cfg.recon_loss is not None  # resolved per arch by SAEConfig
+        return recon_loss(recon, target, self.loss_cfg.recon_loss, self.collective)
 
     def _loss(self, **terms: Any) -> SAELoss:
         zero = terms["mse"].new_zeros(())
         terms.setdefault("sparsity", zero)
         terms.setdefault("aux", zero)
-        return SAELoss(mono_coef=self.cfg.mono_coef, aux_coef=self.cfg.aux_coef, **terms)
+        aux_coef = self.loss_cfg.aux_coef if AUX_K in self.TERMS else 0.0
+        return SAELoss(mono_coef=self.loss_cfg.mono_coef, aux_coef=aux_coef, **terms)
 
 
 def recon_loss(

@@ -15,13 +15,14 @@ from torch import Tensor
 
 from monoray.sae.config import SAEConfig
 from monoray.sae.sparse import Pattern, SparseLatents
+from monoray.sae.terms import THRESHOLD
 from monoray.sae.topk import TopKFamily
 
 
 class BatchTopKSAE(TopKFamily):
     """k * batch largest ReLU activations per training batch; threshold at inference."""
 
-    CONFIG_KEYS = TopKFamily.CONFIG_KEYS | {"threshold_ema"}
+    TERMS = (*TopKFamily.TERMS, THRESHOLD)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -32,13 +33,15 @@ class BatchTopKSAE(TopKFamily):
 
     def _select_train(self, pre: Tensor) -> tuple[Pattern, Tensor]:
         acts = pre.clamp_min_(0)
-        values, flat, smallest = self.collective.batch_topk(acts, self.cfg.k * self.collective.rows)
+        values, flat, smallest = self.collective.batch_topk(
+            acts, self.model_cfg.k * self.collective.rows
+        )
         self._update_threshold(smallest)
         return Pattern.from_flat(flat, acts.shape[0], acts.shape[1]), values
 
     def _activate_dense(self, pre: Tensor) -> Tensor:
         acts = F.relu(pre)
-        n_keep = self.cfg.k * self.collective.rows
+        n_keep = self.model_cfg.k * self.collective.rows
         _, flat, smallest = self.collective.batch_topk(acts.detach(), n_keep)
         self._update_threshold(smallest)
         values = acts.reshape(-1)[flat]
@@ -48,7 +51,7 @@ class BatchTopKSAE(TopKFamily):
     def _update_threshold(self, smallest: Tensor) -> None:
         """EMA of the smallest positive kept value of the global batch (no host sync)."""
         smallest = smallest.to(self.threshold.dtype)
-        beta = self.cfg.threshold_ema
+        beta = self.loss_cfg.threshold_ema
         ema = torch.where(
             self.threshold_updates == 0, smallest, beta * self.threshold + (1 - beta) * smallest
         )
@@ -60,4 +63,4 @@ class BatchTopKSAE(TopKFamily):
         keep = pre > self.threshold.clamp_min(0)
         flat = keep.view(-1).nonzero().squeeze(1)
         p = Pattern.from_flat(flat, pre.shape[0], pre.shape[1])
-        return SparseLatents(pre.view(-1)[flat], p.cols, p.row_offsets, self.cfg.d_sae)
+        return SparseLatents(pre.view(-1)[flat], p.cols, p.row_offsets, self.model_cfg.d_sae)

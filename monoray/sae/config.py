@@ -1,8 +1,11 @@
-"""`SAEConfig`: one frozen record for every architecture.
+"""`SAEConfig`: one frozen record for every architecture, and its two views.
 
 A config is data: hashable, printable, JSON-able through `config_to_dict`, and
-rebuilt by `config_from_dict`, which rejects unknown keys. Fields that only one
-architecture reads say so in their docstring; the others ignore them.
+rebuilt by `config_from_dict`, which rejects unknown keys and keys the architecture
+would ignore. The flat record is what YAML, flags and checkpoints hold; under it,
+`cfg.model` (`SAEModelConfig`: what fixes the parameters' shapes, their
+initialisation and the evaluation forward map) and `cfg.loss` (`SAELossConfig`: the
+keys of the loss terms, `monoray.sae.terms`) split it without listing a field twice.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Literal
 from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
 from monoray.metrics.loss import PRECISIONS, Precision
+from monoray.sae.terms import LOSS_KEYS
 
 Arch = Literal["topk", "batchtopk", "jumprelu", "vanilla", "matryoshka"]
 ARCH_NAMES: tuple[str, ...] = typing.get_args(Arch)
@@ -33,12 +37,6 @@ Impl = Literal["auto", "sparse", "dense"]
 IMPLS: tuple[str, ...] = typing.get_args(Impl)
 
 SCHEMA_VERSION = 1
-
-COMMON_KEYS = frozenset(
-    {"arch", "d_in", "d_sae", "mono_coef", "mono_eps", "mono_precision", "recon_loss", "impl"}
-    | {"seed", "schema_version"}
-)
-"""Fields every architecture reads: shape, MonoLoss, reconstruction loss, implementation, init."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +146,58 @@ class SAEConfig:
     @property
     def prefixes(self) -> tuple[int, ...]:
         """Matryoshka prefix sizes with the default filled in (duplicates dropped)."""
-        if self.matryoshka_prefixes is not None:
-            return self.matryoshka_prefixes
-        return tuple(sorted({max(1, self.d_sae // 16), max(1, self.d_sae // 4), self.d_sae}))
+        return _prefixes(self)
+
+    @property
+    def model(self) -> SAEModelConfig:
+        """Shape, initialisation and evaluation forward map (every field no loss term owns)."""
+        return SAEModelConfig(**{key: getattr(self, key) for key in MODEL_KEYS})
+
+    @property
+    def loss(self) -> SAELossConfig:
+        """The loss terms' keys (`monoray.sae.terms`)."""
+        return SAELossConfig(**{key: getattr(self, key) for key in LOSS_KEYS})
+
+    @classmethod
+    def from_parts(cls, model: SAEModelConfig, loss: SAELossConfig) -> SAEConfig:
+        """The flat record of a model and a loss config (validated as any `SAEConfig`)."""
+        parts = (model, loss)
+        return cls(**{f.name: getattr(p, f.name) for p in parts for f in dataclasses.fields(p)})
+
+
+def _prefixes(cfg: Any) -> tuple[int, ...]:
+    if cfg.matryoshka_prefixes is not None:
+        return cfg.matryoshka_prefixes
+    return tuple(sorted({max(1, cfg.d_sae // 16), max(1, cfg.d_sae // 4), cfg.d_sae}))
+
+
+RECORD_KEYS = frozenset({"schema_version"})
+"""Fields of the flat record itself, in neither view."""
+MODEL_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SAEConfig)) - (
+    LOSS_KEYS | RECORD_KEYS
+)
+
+
+def _view(name: str, keys: frozenset[str], doc: str, **namespace: Any) -> type:
+    """A frozen dataclass of the `SAEConfig` fields `keys` (types from there, no defaults:
+    a view is taken from a validated record, whose defaults are the only ones)."""
+    fields = [(f.name, f.type) for f in dataclasses.fields(SAEConfig) if f.name in keys]
+    view = dataclasses.make_dataclass(
+        name, fields, frozen=True, slots=True, namespace={"__doc__": doc, **namespace}
+    )
+    view.__module__ = __name__
+    return view
+
+
+SAEModelConfig = _view(
+    "SAEModelConfig",
+    MODEL_KEYS,
+    "What fixes an SAE's parameters, their initialisation and its evaluation forward map.",
+    prefixes=property(_prefixes),
+)
+SAELossConfig = _view(
+    "SAELossConfig", LOSS_KEYS, "What the loss terms (and training-time rules) of an SAE read."
+)
 
 
 def _is_int(v: Any) -> bool:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from monoray.sae.config import SAEConfig
 from monoray.sae.elementwise import ElementwiseSAE
 from monoray.sae.sparse import Pattern, SparseLatents
+from monoray.sae.terms import L0
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -75,28 +76,27 @@ def step(z: Tensor, log_theta: Tensor, bandwidth: float) -> Tensor:
 class JumpReLUSAE(ElementwiseSAE):
     """JumpReLU latents; sparsity = mean over the batch of the number of firing latents."""
 
-    CONFIG_KEYS = frozenset(
-        {"jumprelu_bandwidth", "jumprelu_sparsity_coef", "jumprelu_init_threshold"}
-    )
+    MODEL_KEYS = ElementwiseSAE.MODEL_KEYS | {"jumprelu_init_threshold"}
+    TERMS = (*ElementwiseSAE.TERMS, L0)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        self.sparsity_coef = cfg.jumprelu_sparsity_coef
-        init = math.log(cfg.jumprelu_init_threshold)
-        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), init))
+        self.sparsity_coef = self.loss_cfg.jumprelu_sparsity_coef
+        init = math.log(self.model_cfg.jumprelu_init_threshold)
+        self.log_threshold = nn.Parameter(torch.full((self.model_cfg.d_sae,), init))
 
     def _train_mask(self, z: Tensor) -> Tensor:
         # firing (z > θ) or inside the kernel window (|z - θ| < ε/2)
         theta = self.log_threshold.detach().exp()
-        return z > theta - self.cfg.jumprelu_bandwidth / 2
+        return z > theta - self.loss_cfg.jumprelu_bandwidth / 2
 
     def _activate(self, z: Tensor, cols: Tensor | None) -> tuple[Tensor, Tensor]:
         log_theta = self.log_threshold.expand_as(z) if cols is None else self.log_threshold[cols]
-        bandwidth = self.cfg.jumprelu_bandwidth
+        bandwidth = self.loss_cfg.jumprelu_bandwidth
         return jumprelu(z, log_theta, bandwidth), step(z, log_theta, bandwidth).sum()
 
     def _encode_eval(self, pre: Tensor) -> SparseLatents:
         keep = pre > self.log_threshold.exp().clamp_min(0)
         flat = keep.view(-1).nonzero().squeeze(1)
         p = Pattern.from_flat(flat, pre.shape[0], pre.shape[1])
-        return SparseLatents(pre.view(-1)[flat], p.cols, p.row_offsets, self.cfg.d_sae)
+        return SparseLatents(pre.view(-1)[flat], p.cols, p.row_offsets, self.model_cfg.d_sae)

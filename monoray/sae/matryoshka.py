@@ -19,12 +19,12 @@ from monoray.sae.sparse import Pattern, decode_at
 class MatryoshkaSAE(BatchTopKSAE):
     """BatchTopK with a summed reconstruction loss over nested latent prefixes."""
 
-    CONFIG_KEYS = BatchTopKSAE.CONFIG_KEYS | {"matryoshka_prefixes"}
+    MODEL_KEYS = BatchTopKSAE.MODEL_KEYS | {"matryoshka_prefixes"}
 
     def _recon_sparse(
         self, x: Tensor, acts: Tensor, pattern: Pattern
     ) -> tuple[Tensor, dict[str, object]]:
-        prefixes = self.cfg.prefixes
+        prefixes = self.model_cfg.prefixes
         bounds = torch.tensor(prefixes[:-1], dtype=pattern.cols.dtype, device=x.device)
         group = torch.bucketize(pattern.cols, bounds, right=True)
         partial: Tensor | None = None
@@ -41,7 +41,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         partial: Tensor | None = None
         errors = []
         lo = 0
-        for size in self.cfg.prefixes:
+        for size in self.model_cfg.prefixes:
             part = dense[:, lo:size] @ self.W_dec[lo:size]
             partial = part if partial is None else partial + part
             errors.append(self._recon_loss(partial + self.b_dec, x))
@@ -53,5 +53,5 @@ class MatryoshkaSAE(BatchTopKSAE):
         return {
             "mse": torch.stack(errors).sum(),
             "prefix_mse": tuple(errors),
-            "prefixes": self.cfg.prefixes,
+            "prefixes": self.model_cfg.prefixes,
         }

@@ -20,16 +20,20 @@ from torch import Tensor
 from monoray.sae.base import SAEOutput, SparseAutoencoder, mean_l0
 from monoray.sae.config import SAEConfig
 from monoray.sae.sparse import Pattern, SparseLatents, decode_at, topk_rows
+from monoray.sae.terms import AUX_K, DEAD_REINIT
 
 
 class TopKFamily(SparseAutoencoder):
     """Shared training step of the fixed-budget architectures (sparse and dense paths)."""
 
-    CONFIG_KEYS = frozenset({"k", "aux_k", "aux_coef", "dead_steps_threshold"})  # AuxK
+    MODEL_KEYS = SparseAutoencoder.MODEL_KEYS | {"k"}
+    TERMS = (*SparseAutoencoder.TERMS, AUX_K)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        self.register_buffer("steps_since_fired", torch.zeros(cfg.d_sae, dtype=torch.int64))
+        self.register_buffer(
+            "steps_since_fired", torch.zeros(self.model_cfg.d_sae, dtype=torch.int64)
+        )
         self.steps_since_fired: Tensor
 
     def forward_train(self, x: Tensor, embeddings: Tensor | None = None) -> SAEOutput:
@@ -81,9 +85,9 @@ class TopKFamily(SparseAutoencoder):
 
     # ---- dead latents --------------------------------------------------------------
     def _n_aux(self, dead: Tensor) -> int:
-        if self.cfg.aux_coef == 0:
+        if self.loss_cfg.aux_coef == 0:
             return 0
-        return min(self.cfg.aux_k, int(dead.sum()))
+        return min(self.loss_cfg.aux_k, int(dead.sum()))
 
     def _aux_sparse(self, x: Tensor, pre: Tensor, recon: Tensor, dead: Tensor) -> Tensor | None:
         n_aux = self._n_aux(dead)
@@ -91,7 +95,7 @@ class TopKFamily(SparseAutoencoder):
             return None
         dead_idx = dead.nonzero().squeeze(1)
         values, j = topk_rows(pre[:, dead_idx], n_aux)
-        pattern = Pattern.fixed_k(dead_idx[j], self.cfg.d_sae)
+        pattern = Pattern.fixed_k(dead_idx[j], self.model_cfg.d_sae)
         acts = F.relu(self._encode_at(x, pattern, values.reshape(-1)))
         return self._recon_loss(decode_at(acts, self.W_dec, pattern), (x - recon).detach())
 
@@ -117,31 +121,32 @@ class TopKFamily(SparseAutoencoder):
 class TopKSAE(TopKFamily):
     """k largest pre-activations per sample, then ReLU (Makhzani & Frey; Gao et al.)."""
 
-    CONFIG_KEYS = TopKFamily.CONFIG_KEYS | {"dead_reinit_steps"}
+    TERMS = (*TopKFamily.TERMS, DEAD_REINIT)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self._pending_reinit: tuple[Tensor, Tensor] | None = None
 
     def _select_train(self, pre: Tensor) -> tuple[Pattern, Tensor]:
-        values, cols = topk_rows(pre, self.cfg.k)
-        return Pattern.fixed_k(cols, self.cfg.d_sae), values.reshape(-1)
+        values, cols = topk_rows(pre, self.model_cfg.k)
+        return Pattern.fixed_k(cols, self.model_cfg.d_sae), values.reshape(-1)
 
     def _activate_dense(self, pre: Tensor) -> Tensor:
-        values, idx = pre.topk(self.cfg.k, dim=1)
+        values, idx = pre.topk(self.model_cfg.k, dim=1)
         return torch.zeros_like(pre).scatter(1, idx, F.relu(values))
 
     def _encode_eval(self, pre: Tensor) -> SparseLatents:
-        values, cols = topk_rows(pre, self.cfg.k)
-        p = Pattern.fixed_k(cols, self.cfg.d_sae)
-        return SparseLatents(F.relu(values).reshape(-1), p.cols, p.row_offsets, self.cfg.d_sae)
+        m = self.model_cfg
+        values, cols = topk_rows(pre, m.k)
+        p = Pattern.fixed_k(cols, m.d_sae)
+        return SparseLatents(F.relu(values).reshape(-1), p.cols, p.row_offsets, m.d_sae)
 
     @torch.no_grad()
     def _plan_reinit(self, x: Tensor, recon: Tensor) -> None:
         self._pending_reinit = None
-        if self.cfg.dead_reinit_steps == 0:
+        if self.loss_cfg.dead_reinit_steps == 0:
             return
-        due = (self.steps_since_fired >= self.cfg.dead_reinit_steps).nonzero().squeeze(1)
+        due = (self.steps_since_fired >= self.loss_cfg.dead_reinit_steps).nonzero().squeeze(1)
         if due.numel() == 0:
             return
         # The global batch's worst rows (stable: equal norms in batch order, at any W).

@@ -7,16 +7,17 @@ from torch import Tensor
 from monoray.sae.config import SAEConfig
 from monoray.sae.elementwise import ElementwiseSAE
 from monoray.sae.sparse import Pattern, SparseLatents
+from monoray.sae.terms import L1
 
 
 class VanillaSAE(ElementwiseSAE):
     """a = ReLU(pre); sparsity = mean over the batch of Σ_j a_j (decoder rows are unit norm)."""
 
-    CONFIG_KEYS = frozenset({"l1_coef"})
+    TERMS = (*ElementwiseSAE.TERMS, L1)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        self.sparsity_coef = cfg.l1_coef
+        self.sparsity_coef = self.loss_cfg.l1_coef
 
     def _train_mask(self, z: Tensor) -> Tensor:
         return z > 0
@@ -27,4 +28,4 @@ class VanillaSAE(ElementwiseSAE):
     def _encode_eval(self, pre: Tensor) -> SparseLatents:
         flat = (pre > 0).view(-1).nonzero().squeeze(1)
         p = Pattern.from_flat(flat, pre.shape[0], pre.shape[1])
-        return SparseLatents(pre.view(-1)[flat], p.cols, p.row_offsets, self.cfg.d_sae)
+        return SparseLatents(pre.view(-1)[flat], p.cols, p.row_offsets, self.model_cfg.d_sae)
