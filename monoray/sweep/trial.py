@@ -19,7 +19,7 @@ from monoray.data import FeatureSplits
 from monoray.errors import InputError
 from monoray.runs.outcome import failure_report
 from monoray.runs.workers import epoch_report
-from monoray.sweep.restore import restore_checkpoint
+from monoray.sweep.restore import restore_checkpoint, restored_metrics
 
 
 def config_keys(kind: str) -> set[str]:
@@ -48,6 +48,12 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     work = scratch_dir()
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
     resume_from, resumed_epoch = restore_checkpoint(work / "restored")
+    if resume_from is not None:
+        # Restored (a retry, or --resume after a driver kill): report the checkpoint's epoch
+        # again before training on, so the scheduler judges the trial there (a stop decided
+        # at that epoch stands before another epoch is trained) and a trial restored at its
+        # last epoch ends with its final result. The tracker drops the repeated epoch.
+        tune.report(epoch_report(resumed_epoch, restored_metrics(resume_from), None, resumed_epoch))
 
     def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
@@ -56,7 +62,7 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
         )
 
     try:
-        final = train_sae(
+        train_sae(
             cfg,
             splits,
             out_dir=work / "run",
@@ -64,10 +70,6 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
             on_epoch=on_epoch,
             progress=False,
         )
-        if resumed_epoch >= cfg.epochs:
-            # Restored at its last epoch (the driver died as the trial ended): nothing was
-            # trained, so report the final result again; it ends the trial like any other.
-            tune.report(epoch_report(resumed_epoch, final, None, resumed_epoch))
     except (DivergedError, InputError) as err:
         # A finished result without objectives: the searcher tells Optuna FAIL and the
         # tracker marks the MLflow run FAILED; Tune does not retry (it would fail the same).
