@@ -48,12 +48,6 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     work = scratch_dir()
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
     resume_from, resumed_epoch = restore_checkpoint(work / "restored")
-    if resume_from is not None:
-        # Restored (a retry, or --resume after a driver kill): report the checkpoint's epoch
-        # again before training on, so the scheduler judges the trial there (a stop decided
-        # at that epoch stands before another epoch is trained) and a trial restored at its
-        # last epoch ends with its final result. The tracker drops the repeated epoch.
-        tune.report(epoch_report(resumed_epoch, restored_metrics(resume_from), None, resumed_epoch))
 
     def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
@@ -62,6 +56,14 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
         )
 
     try:
+        if resume_from is not None:
+            # Restored (a retry, or --resume after a driver kill): report the checkpoint's
+            # epoch again before training on, so the scheduler judges the trial there (a stop
+            # decided at that epoch stands before another epoch is trained) and a trial
+            # restored at its last epoch ends with its final result. The tracker drops the
+            # repeated epoch.
+            metrics = restored_metrics(resume_from)
+            tune.report(epoch_report(resumed_epoch, metrics, None, resumed_epoch))
         train_sae(
             cfg,
             splits,
