@@ -19,7 +19,9 @@ Ranking (`rank`), best first:
 Only the arriving trial is judged, so a trial can be judged by a table that
 later fills with better ones; that is what makes successive halving asynchronous.
 A verdict is final: a stopped trial that Tune runs again (a retry, or a resume
-from a snapshot older than the stop) is stopped again at the same epoch.
+from a snapshot older than the stop) is stopped again at the same epoch, and a
+trial kept at a rung and reported there again (a restored trial first re-reports
+its checkpoint's epoch) is kept, not judged again by a fuller table.
 
 A stop reaches the rest of monoray through the trial's result: `MoAshaRecorder`,
 the scheduler's companion Tune callback, writes the verdict under `STOPPED_KEY`
@@ -166,6 +168,7 @@ class MoAshaScheduler(FIFOScheduler):
         rungs = rung_epochs(
             self.grace, self.eta, int(trial.config.get("epochs", self.default_epochs))
         )
+        previous = None
         if epoch in rungs:
             table = self.rungs.setdefault(epoch, {})
             previous = table.get(trial.trial_id)  # a retry or a resumed sweep reports it again
@@ -177,8 +180,8 @@ class MoAshaScheduler(FIFOScheduler):
             # Re-run after a verdict (a resume from a snapshot older than the stop, or a
             # retry): the verdict stands, the records already say it.
             return TrialScheduler.STOP
-        if epoch not in rungs:
-            return TrialScheduler.CONTINUE
+        if epoch not in rungs or previous is not None:
+            return TrialScheduler.CONTINUE  # no rung, or kept here before: that verdict stands
         verdict = judge(
             list(table.values()), trial.trial_id, [o.mode for o in self.objectives], self.eta
         )

@@ -31,6 +31,7 @@ from monoray.sweep.search import (
     FAIL_ATTR,
     MonorayOptunaSearch,
     fail_leftovers,
+    n_created,
     open_study,
     release_orphans,
     storage_for,
@@ -168,7 +169,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             tune_config=tune.TuneConfig(
                 search_alg=MonorayOptunaSearch(space, name, storage),
                 scheduler=scheduler,
-                num_samples=space.budget.num_samples,
+                num_samples=-1,  # the searcher ends the search once the study holds the budget
                 max_concurrent_trials=space.budget.max_concurrent,
                 reuse_actors=True,
             ),
@@ -185,13 +186,15 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     grid = tuner.fit()
     fit_s = time.perf_counter() - fit_start
     publish_start = time.perf_counter()
-    # Interrupted (Ctrl-C, a stop signal) iff Tune's final snapshot has a trial neither
-    # TERMINATED nor ERROR, or fewer trials than the budget; not from what results hold.
-    interrupted = (
-        grid.num_terminated + grid.num_errors < len(grid) or len(grid) < space.budget.num_samples
-    )
     tracker.open_parent()  # the driver-side tracker (Tune ran a restored copy on resume)
     study = optuna.load_study(study_name=name, storage=storage)
+    # Interrupted (Ctrl-C, a stop signal) iff Tune's final snapshot has a trial neither
+    # TERMINATED nor ERROR, or the study holds fewer handed-out trials than the budget;
+    # not from what results hold, nor from how many trials Tune's snapshot kept.
+    interrupted = (
+        grid.num_terminated + grid.num_errors < len(grid)
+        or n_created(study) < space.budget.num_samples
+    )
     if not interrupted:
         fail_leftovers(study, storage, "left RUNNING when the sweep ended")
     states = [t.state for t in study.trials]

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
@@ -168,8 +169,25 @@ def _suggest(trial: optuna.Trial, p: Param) -> Any:
     raise AssertionError(p.type)
 
 
+CREATED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+"""States of a study trial that was handed out (WAITING ones are enqueued or released)."""
+
+
+def n_created(study: optuna.Study) -> int:
+    """How many trials of the budget the sweep has handed out so far."""
+    return len(study.get_trials(deepcopy=False, states=CREATED))
+
+
 class MonorayOptunaSearch(OptunaSearch):
-    """`OptunaSearch` that ends every Optuna trial COMPLETE with finite values, or FAIL."""
+    """`OptunaSearch` that ends every Optuna trial COMPLETE with finite values, or FAIL.
+
+    It also ends the search: Tune runs with an unbounded `num_samples` and the study,
+    not Tune's trial counter, says when the budget is handed out. Tune snapshots its
+    trials and its counter in separate files, uploaded to storage by a background copy
+    that can interleave two snapshots; after a driver kill the restored counter can
+    run ahead of the restored trials, and a counter-bound search would never create
+    the missing ones (docs/hardening.md, resume).
+    """
 
     def __init__(self, space: SweepSpace, study_name: str, storage: optuna.storages.RDBStorage):
         super().__init__(
@@ -182,8 +200,11 @@ class MonorayOptunaSearch(OptunaSearch):
         )
         self._constraints = space.constraints
         self._rdb = storage
+        self._budget = space.budget.num_samples
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if n_created(self._ot_study) >= self._budget:
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         if config is None:
             return None

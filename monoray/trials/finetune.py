@@ -72,7 +72,7 @@ def finetune_trial(
     def fit(out_dir: Path, resume_from: Path | None, on_epoch: trial.OnEpoch) -> dict[str, Any]:
         return train_finetune(cfg, out_dir=out_dir, resume_from=resume_from, on_epoch=on_epoch)
 
-    trial.run_in_process(fit, cfg.epochs)
+    trial.run_in_process(fit)
 
 
 def trainable(space: Space, _: None, storage: Path) -> Any:

@@ -12,9 +12,11 @@ used. With none intact the trial starts again from scratch.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pyarrow.fs
 from ray import tune
@@ -70,3 +72,8 @@ def restore_checkpoint(dest: Path) -> tuple[Path | None, int]:
         return local, epoch
     log.warning("no intact checkpoint to resume from, starting again: %s", "; ".join(damaged))
     return None, 0
+
+
+def restored_metrics(path: Path) -> dict[str, Any]:
+    """The metrics of a restored checkpoint's epoch (the last entry of its history)."""
+    return json.loads((path / "checkpoint.json").read_text())["history"][-1]

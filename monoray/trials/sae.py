@@ -68,7 +68,7 @@ def sae_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
             cfg, splits, out_dir=out_dir, resume_from=resume_from, on_epoch=on_epoch, progress=False
         )
 
-    trial.run_in_process(fit, cfg.epochs)
+    trial.run_in_process(fit)
 
 
 def sae_workers_trial(

@@ -20,7 +20,7 @@ from ray import tune
 from monoray.errors import InputError
 from monoray.runs.outcome import DivergedError, failure_report
 from monoray.runs.workers import epoch_report, report_to_tune
-from monoray.trials.restore import restore_checkpoint
+from monoray.trials.restore import restore_checkpoint, restored_metrics
 
 DRIVER_CPU = 1.0
 """CPUs the Tune trial function holds while its Train workers run (it only waits and relays)."""
@@ -70,7 +70,7 @@ def scratch_dir() -> Path:
     return work
 
 
-def run_in_process(fit: Fit, epochs: int) -> None:
+def run_in_process(fit: Fit) -> None:
     """Train in the trial's process, report every epoch with its checkpoint."""
     work = scratch_dir()
     # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
@@ -84,11 +84,15 @@ def run_in_process(fit: Fit, epochs: int) -> None:
         )
 
     try:
-        final = fit(work / "run", resume_from, on_epoch)
-        if resumed_epoch >= epochs:
-            # Restored at its last epoch (the driver died as the trial ended): nothing was
-            # trained, so report the final result again; it ends the trial like any other.
-            tune.report(epoch_report(resumed_epoch, final, None, resumed_epoch))
+        if resume_from is not None:
+            # Restored (a retry, or --resume after a driver kill): report the checkpoint's
+            # epoch again before training on, so the scheduler judges the trial there (a stop
+            # decided at that epoch stands before another epoch is trained) and a trial
+            # restored at its last epoch ends with its final result. The tracker drops the
+            # repeated epoch.
+            metrics = restored_metrics(resume_from)
+            tune.report(epoch_report(resumed_epoch, metrics, None, resumed_epoch))
+        fit(work / "run", resume_from, on_epoch)
     except (DivergedError, InputError) as err:
         # A finished result without objectives: the searcher tells Optuna FAIL and the
         # tracker marks the MLflow run FAILED; Tune does not retry (it would fail the same).
