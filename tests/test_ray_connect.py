@@ -259,3 +259,23 @@ def test_a_live_head_is_joined_by_address_and_by_auto(tmp_path, ray_tmpdir) -> N
     line = assert_one_line_exit_2(done, f"127.0.0.1:{gcs}", "refused this client's token")
     Path(line.split("Ray's log: ")[1].split(")")[0]).unlink()
     assert_nothing_created(tmp_path)
+
+
+def test_a_local_ray_that_does_not_start_is_one_line(tmp_path: Path) -> None:
+    """Both start attempts fail (here: a value ray.init refuses): one InputError line."""
+    code = (
+        "from monoray.errors import InputError\n"
+        "from monoray.runs.cluster import start_local_ray\n"
+        "try:\n"
+        "    start_local_ray(num_cpus=-1, include_dashboard=False)\n"
+        "except InputError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("a local Ray cluster did not start"), out.stdout
+    assert str(tmp_path) in lines[0]

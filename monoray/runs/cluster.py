@@ -90,7 +90,16 @@ def start_local_ray(**kwargs: Any) -> None:
         ray.init(address="local", **kwargs)
     except Exception:  # Ray raises a bare Exception on a node start-up timeout
         ray.shutdown()
-        ray.init(address="local", **kwargs)
+        try:
+            ray.init(address="local", **kwargs)
+        except Exception as err:
+            ray.shutdown()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            logs = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+            raise InputError(
+                f"a local Ray cluster did not start (tried twice): {first}; "
+                f"Ray's logs are under {logs}/session_latest/logs (a loaded machine: retry)"
+            ) from None
 
 
 def connect_timeout() -> float:
