@@ -42,8 +42,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from monoray.errors import InputError
+from monoray.sweep.packed import member_dir, pack_members
 from monoray.sweep.paths import ProjectPaths
-from monoray.sweep.search import STOPPED_VALUES_ATTR, TRIAL_KEY, redact, storage_for
+from monoray.sweep.search import PACK_KEY, STOPPED_VALUES_ATTR, TRIAL_KEY, redact, storage_for
 from monoray.sweep.tracking import (
     ROLE_TAG,
     STOPPED_TAG,
@@ -282,16 +283,24 @@ def _told(trial: FrozenTrial, n: int) -> list[float]:
 
 
 def _tune_checkpoints(exp_dir: Path) -> dict[int, list[Path]]:
-    """Tune's persisted checkpoints per Optuna trial number, newest (highest index) first."""
+    """Tune's persisted checkpoints per Optuna trial number, newest (highest index) first.
+
+    A pack member's are its directories inside its pack's checkpoints.
+    """
     found: dict[int, list[tuple[int, Path]]] = {}
     for params in exp_dir.glob("*/params.json"):
-        number = json.loads(params.read_text()).get(TRIAL_KEY)
-        if number is None:
+        config = json.loads(params.read_text())
+        numbers = [n for n, _ in pack_members(config)] if PACK_KEY in config else []
+        if not numbers and config.get(TRIAL_KEY) is None:
             continue
         for d in params.parent.iterdir():
             m = _TUNE_CHECKPOINT.match(d.name)
-            if m and d.is_dir():
-                found.setdefault(int(number), []).append((int(m[1]), d))
+            if not (m and d.is_dir()):
+                continue
+            if not numbers:
+                found.setdefault(int(config[TRIAL_KEY]), []).append((int(m[1]), d))
+            for n in numbers:
+                found.setdefault(n, []).append((int(m[1]), member_dir(d, n)))
     return {n: [d for _, d in sorted(dirs, reverse=True)] for n, dirs in found.items()}
 
 

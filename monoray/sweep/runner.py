@@ -25,6 +25,7 @@ from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
 from monoray.sweep.moasha import build_scheduler
+from monoray.sweep.packed import sae_pack_trial, tune_samples
 from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.progress import SweepProgress
@@ -206,10 +207,12 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             space, d_in=splits.train.dim, storage=exp_dir / "train-runs"
         )
     else:
+        fn = sae_trial if space.resources.pack == 1 else sae_pack_trial
         trainable = tune.with_resources(
-            tune.with_parameters(sae_trial, splits=splits),
+            tune.with_parameters(fn, splits=splits),
             {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
         )
+    num_tune = tune_samples(space.budget.num_samples, space.resources.pack)
 
     if opts.resume:
         tracker.open_parent()
@@ -226,7 +229,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             tune_config=tune.TuneConfig(
                 search_alg=MonorayOptunaSearch(space, name, storage),
                 scheduler=scheduler,
-                num_samples=space.budget.num_samples,
+                num_samples=num_tune,
                 max_concurrent_trials=space.budget.max_concurrent,
                 reuse_actors=True,
             ),
@@ -245,9 +248,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     publish_start = time.perf_counter()
     # Interrupted (Ctrl-C, a stop signal) iff Tune's final snapshot has a trial neither
     # TERMINATED nor ERROR, or fewer trials than the budget; not from what results hold.
-    interrupted = (
-        grid.num_terminated + grid.num_errors < len(grid) or len(grid) < space.budget.num_samples
-    )
+    interrupted = grid.num_terminated + grid.num_errors < len(grid) or len(grid) < num_tune
     tracker.open_parent()  # the driver-side tracker (Tune ran a restored copy on resume)
     study = optuna.load_study(study_name=name, storage=storage)
     if not interrupted:

@@ -9,6 +9,7 @@ id (and each config with the Optuna trial number, which keys the MLflow run).
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
 from monoray.sweep.moasha import STOPPED_KEY
@@ -30,6 +32,13 @@ STOPPED_VALUES_ATTR = "stopped_values"
 STOPPED_EPOCH_ATTR = "stopped_epoch"
 TRIAL_KEY = "_optuna_trial"
 """Config key carrying the Optuna trial number into the trial and the tracker."""
+PACK_KEY = "_pack"
+"""Config key of a packed Tune trial (`monoray.sweep.packed`): one `{TRIAL_KEY: n, **params}`
+per member."""
+MEMBER_KEY = "pack_member"
+"""Result key: the Optuna trial number a packed trial's epoch result is about."""
+OUTCOMES_KEY = "pack_outcomes"
+"""Last result of a packed trial: JSON `{number: final metrics or failure report}`."""
 
 
 def build_sampler(space: SweepSpace) -> optuna.samplers.BaseSampler:
@@ -181,8 +190,13 @@ class MonorayOptunaSearch(OptunaSearch):
         )
         self._constraints = space.constraints
         self._rdb = storage
+        self._pack = space.resources.pack
+        self._num_samples = space.budget.num_samples
+        self._packs: dict[str, list[optuna.Trial]] = {}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._pack > 1:
+            return self._suggest_pack(trial_id)
         config = super().suggest(trial_id)
         if config is None:
             return None
@@ -190,13 +204,38 @@ class MonorayOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         return {**config, TRIAL_KEY: ot_trial.number}
 
+    def _suggest_pack(self, trial_id: str) -> dict[str, Any] | None:
+        """P Optuna trials for one Tune trial; the budget counts members, so the last is smaller."""
+        if trial_id not in self._packs:
+            size = min(self._pack, self._num_samples - sum(map(len, self._packs.values())))
+            if size <= 0:
+                return None
+            self._packs[trial_id] = [self._ot_study.ask() for _ in range(size)]
+        members = []
+        for ot_trial in self._packs[trial_id]:
+            params = self._suggest_from_define_by_run_func(self._space, ot_trial)
+            ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+            members.append({**unflatten_dict(params), TRIAL_KEY: ot_trial.number})
+        return {PACK_KEY: members}
+
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
+        if trial_id in self._packs:
+            self._completed_trials.add(trial_id)
+            outcomes = member_outcomes(result or {})
+            for ot_trial in self._packs[trial_id]:
+                self._finish(ot_trial, outcomes.get(ot_trial.number), error)
+            return
+        if trial_id not in self._ot_trials:
+            return
         self._completed_trials.add(trial_id)
+        self._finish(self._ot_trials[trial_id], result, error)
+
+    def _finish(self, ot_trial: optuna.Trial, result: dict[str, Any] | None, error: bool) -> None:
+        """Tell Optuna how one trial ended: COMPLETE, PRUNED or FAIL with its reason."""
         if self._stored_state(ot_trial.number).is_finished():
             # Told before the driver died, re-run by Tune from an older snapshot.
             return
@@ -232,6 +271,12 @@ class MonorayOptunaSearch(OptunaSearch):
         study_id = storage.get_study_id_from_name(self._ot_study.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         return storage.get_trial(trial_id).state
+
+
+def member_outcomes(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each member's final result, from a packed trial's last result ({} if it has none)."""
+    raw = result.get(OUTCOMES_KEY)
+    return {int(k): v for k, v in json.loads(raw).items()} if isinstance(raw, str) else {}
 
 
 def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: bool) -> str | None:

@@ -1,0 +1,79 @@
+"""Packed trials (`resources.pack`) end to end: real local Ray, Optuna RDB, MLflow, digits.
+
+Each member of a pack must stay a first-class trial: its own Optuna trial, MLflow run,
+checkpoint and place (or not) on the front, exactly as if it had run alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from monoray.sweep.audit import audit_sweep
+from monoray.sweep.runner import SweepOptions, run_sweep
+from monoray.sweep.search import FAIL_ATTR, RAY_TRIAL_ATTR
+from monoray.sweep.tracking import PARETO_TAG
+from tests.test_sweep_integration import assert_consistent, records_of, small_space, study_of
+
+pytestmark = pytest.mark.integration
+
+
+def test_packed_demo_sweep_is_n_trials_runs_front_registry_and_clean_audit(
+    ray_session, project: Path
+) -> None:
+    space = small_space("resources.pack=4", num_samples=6)
+    result = run_sweep(space, SweepOptions(name="packed", progress=False))
+    assert not result.interrupted
+    assert result.n_complete == 6
+    study = study_of(project, "packed")
+    # 6 Optuna trials in 2 Tune trials: a pack of 4 and the last, smaller pack of 2.
+    packs = sorted(
+        [t.number for t in study.trials if t.user_attrs[RAY_TRIAL_ATTR] == ray_id]
+        for ray_id in {t.user_attrs[RAY_TRIAL_ATTR] for t in study.trials}
+    )
+    assert sorted(map(len, packs)) == [2, 4]
+    assert len({tuple(t.params.items()) for t in study.trials}) == 6  # six distinct points
+    records = assert_consistent(project, "packed", 6, epochs=2)
+    client = records.client
+    for t in study.trials:  # each run holds its own params and its own model
+        run = client.get_run(records.runs[t.number])
+        assert run.data.params["k"] == str(t.params["k"])
+        assert run.data.metrics["r2"] == pytest.approx(t.values[0], rel=1e-9)
+    tagged = sorted(
+        n for n, rid in records.runs.items()
+        if client.get_run(rid).data.tags.get(PARETO_TAG) == "true"
+    )
+    assert result.pareto is not None
+    assert tagged == sorted(row["trial"] for row in result.pareto.rows if row["front"])
+    versions = client.search_model_versions("name = 'monoray-packed'")
+    assert sorted(v.run_id for v in versions) == sorted(records.runs[n] for n in tagged)
+    report = audit_sweep("packed")
+    assert report.ok, report.problems
+    assert (report.n_trials, report.n_runs, report.n_complete) == (6, 6, 6)
+    assert report.n_checkpoints == 12  # every member: its MLflow copy and its Tune checkpoint
+
+
+def test_a_diverging_member_fails_alone(ray_session, project: Path) -> None:
+    space = small_space(
+        "resources.pack=3",
+        "fixed.lr=null",
+        "search.lr={type: categorical, choices: [0.004, 1.0e+30]}",
+        "baseline.params.lr=1.0e+30",
+        num_samples=3,
+    )
+    result = run_sweep(space, SweepOptions(name="pdiverge", progress=False))
+    assert not result.interrupted
+    study = study_of(project, "pdiverge")
+    assert len({t.user_attrs[RAY_TRIAL_ATTR] for t in study.trials}) == 1  # one pack
+    states = {t.number: t.state for t in study.trials}
+    assert states[0] == TrialState.FAIL  # the baseline, at lr 1e30
+    assert study.trials[0].user_attrs[FAIL_ATTR].startswith("diverged: loss became NaN/inf")
+    for t in study.trials:
+        assert t.state == (TrialState.FAIL if t.params["lr"] > 1 else TrialState.COMPLETE)
+    assert any(s == TrialState.COMPLETE for s in states.values())
+    assert_consistent(project, "pdiverge", 3, epochs=2)
+    report = audit_sweep("pdiverge")
+    assert report.ok, report.problems
+
