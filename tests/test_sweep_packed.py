@@ -6,6 +6,11 @@ checkpoint and place (or not) on the front, exactly as if it had run alone.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,9 +18,19 @@ from optuna.trial import TrialState
 
 from monoray.sweep.audit import audit_sweep
 from monoray.sweep.runner import SweepOptions, run_sweep
-from monoray.sweep.search import FAIL_ATTR, RAY_TRIAL_ATTR
+from monoray.sweep.search import FAIL_ATTR, MEMBER_KEY, RAY_TRIAL_ATTR
 from monoray.sweep.tracking import PARETO_TAG
-from tests.test_sweep_integration import assert_consistent, records_of, small_space, study_of
+from tests.test_faults import (
+    Injector,
+    audited,
+    fault_space,
+    is_trial_worker,
+    last_result,
+    metric_values,
+    poll,
+    sweep,
+)
+from tests.test_sweep_integration import assert_consistent, small_space, study_of
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +57,8 @@ def test_packed_demo_sweep_is_n_trials_runs_front_registry_and_clean_audit(
         assert run.data.params["k"] == str(t.params["k"])
         assert run.data.metrics["r2"] == pytest.approx(t.values[0], rel=1e-9)
     tagged = sorted(
-        n for n, rid in records.runs.items()
+        n
+        for n, rid in records.runs.items()
         if client.get_run(rid).data.tags.get(PARETO_TAG) == "true"
     )
     assert result.pareto is not None
@@ -77,3 +93,55 @@ def test_a_diverging_member_fails_alone(ray_session, project: Path) -> None:
     report = audit_sweep("pdiverge")
     assert report.ok, report.problems
 
+
+def member_epochs(trial_dir: Path) -> dict[int, int]:
+    """Each member's newest epoch in the pack's `result.json` ({} before any)."""
+    try:
+        lines = (trial_dir / "result.json").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    epochs: dict[int, int] = {}
+    for line in lines:
+        with contextlib.suppress(ValueError):  # the last line may still be being written
+            r = json.loads(line)
+            if MEMBER_KEY in r:
+                epochs[int(r[MEMBER_KEY])] = max(epochs.get(int(r[MEMBER_KEY]), 0), r["epoch"])
+    return epochs
+
+
+@pytest.mark.faults
+def test_worker_sigkill_mid_epoch_resumes_every_member(ray_session, project: Path) -> None:
+    """The pack's worker dies once every member has an epoch checkpoint and one still trains:
+    the retry resumes each unfinished member from the pack checkpoint, nothing is lost."""
+    epochs, budget = 4, 3
+    space = fault_space(
+        "resources.pack=3", "budget.max_concurrent=1", num_samples=budget, epochs=epochs
+    )
+    killed: dict[int, int] = {}  # member -> its newest recorded epoch when the worker died
+
+    def kill_mid_pack(stop: threading.Event) -> None:
+        def one() -> bool:
+            for d in (project / "ray" / "pkill").glob("sae_pack_trial_*"):
+                seen = member_epochs(d)
+                r = last_result(d)
+                if len(seen) < budget or min(seen.values()) >= epochs or r is None:
+                    continue
+                if not is_trial_worker(r["pid"]):
+                    continue
+                os.kill(r["pid"], signal.SIGKILL)
+                killed.update(seen)
+                return True
+            return False
+
+        poll(stop, one, "a pack with every member past epoch 1")
+
+    with Injector(kill_mid_pack):
+        sweep(space, "pkill")
+    assert killed, "the pack's worker was never killed"
+    report = audited(project, "pkill", budget)
+    assert report.n_complete == budget
+    unfinished = {n: e for n, e in killed.items() if e < epochs}
+    assert unfinished
+    for number, epoch in unfinished.items():
+        resumed = metric_values(project, "pkill", number, "resumed_from_epoch")
+        assert max(resumed) >= epoch, (number, epoch, resumed)
