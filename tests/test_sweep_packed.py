@@ -20,6 +20,7 @@ from monoray.sweep.audit import audit_sweep
 from monoray.sweep.runner import SweepOptions, run_sweep
 from monoray.sweep.search import FAIL_ATTR, MEMBER_KEY, RAY_TRIAL_ATTR
 from monoray.sweep.tracking import PARETO_TAG
+from tests.test_bad_inputs import assert_refused, files_under, run_cli
 from tests.test_faults import (
     Injector,
     audited,
@@ -30,7 +31,7 @@ from tests.test_faults import (
     poll,
     sweep,
 )
-from tests.test_sweep_integration import assert_consistent, small_space, study_of
+from tests.test_sweep_integration import DEMO, REPO, assert_consistent, small_space, study_of
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +146,48 @@ def test_worker_sigkill_mid_epoch_resumes_every_member(ray_session, project: Pat
     for number, epoch in unfinished.items():
         resumed = metric_values(project, "pkill", number, "resumed_from_epoch")
         assert max(resumed) >= epoch, (number, epoch, resumed)
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("0", "resources.pack: expected an integer >= 1, got 0"),
+        ("-3", "resources.pack: expected an integer >= 1, got -3"),
+        ("2.5", "resources.pack: expected an integer >= 1, got 2.5"),
+        ("true", "resources.pack: expected an integer >= 1, got True"),
+        ("eight", "resources.pack: expected an integer >= 1, got 'eight'"),
+        ("[4]", "resources.pack: expected an integer >= 1, got [4]"),
+    ],
+)
+def test_bad_pack_values_are_one_line_exit_2(tmp_path: Path, value: str, needle: str) -> None:
+    root = tmp_path / "root"
+    code, err = run_cli(
+        ["sweep", str(DEMO), "--root", str(root), "--quiet", "--set", f"resources.pack={value}"]
+    )
+    assert_refused(code, err, "sweep", needle)
+    assert files_under(root) == []
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["scheduler={type: mo_asha}"], "1 with scheduler: mo_asha"),
+        (["resources.workers=2"], "1 with resources.workers >= 2"),
+    ],
+)
+def test_pack_with_what_it_cannot_combine_with_is_refused(
+    tmp_path: Path, sets: list[str], needle: str
+) -> None:
+    root = tmp_path / "root"
+    argv = ["sweep", str(DEMO), "--root", str(root), "--quiet", "--set", "resources.pack=4"]
+    code, err = run_cli([*argv, *[a for s in sets for a in ("--set", s)]])
+    assert_refused(code, err, "sweep", needle)
+    assert files_under(root) == []
+
+
+def test_finetune_spaces_refuse_packs(tmp_path: Path) -> None:
+    space = REPO / "search_spaces" / "finetune_resnet50_cifar10.yaml"
+    code, err = run_cli(
+        ["sweep", str(space), "--root", str(tmp_path), "--quiet", "--set", "resources.pack=2"]
+    )
+    assert_refused(code, err, "sweep", "1 for kind: finetune")
