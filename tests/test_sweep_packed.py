@@ -11,14 +11,17 @@ import json
 import os
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
+from monoray.cli import main
 from monoray.sweep.audit import audit_sweep
 from monoray.sweep.runner import SweepOptions, run_sweep
 from monoray.sweep.search import FAIL_ATTR, MEMBER_KEY, RAY_TRIAL_ATTR
+from monoray.sweep.space import load_space
 from monoray.sweep.tracking import PARETO_TAG
 from tests.test_bad_inputs import assert_refused, files_under, run_cli
 from tests.test_faults import (
@@ -191,3 +194,42 @@ def test_finetune_spaces_refuse_packs(tmp_path: Path) -> None:
         ["sweep", str(space), "--root", str(tmp_path), "--quiet", "--set", "resources.pack=2"]
     )
     assert_refused(code, err, "sweep", "1 for kind: finetune")
+
+
+def test_dry_run_of_a_pack_says_how_packing_was_sized(ray_session, project: Path, capfd) -> None:
+    """The dry run trains one pack of its 2 trials and reports packing in one line."""
+    import torch
+
+    sets = ["fixed.d_sae=64", "resources.pack=2"]
+    code = main(
+        ["sweep", str(DEMO), "--dry-run", "--quiet", *[a for s in sets for a in ("--set", s)]]
+    )
+    out = capfd.readouterr()
+    assert code == 0, out.out + out.err
+    lines = [ln for ln in out.out.splitlines() if ln.startswith("packing: ")]
+    wanted = (
+        "packing: resources.pack 2 fits: at most "
+        if torch.cuda.is_available()
+        else ("packing: not sized (no GPU)")
+    )
+    assert len(lines) == 1 and lines[0].startswith(wanted), out.out
+    assert "dry run passed" in out.out
+
+
+@pytest.mark.gpu
+def test_pack_sizing_measures_the_gpu_and_refuses_a_pack_that_does_not_fit(
+    tmp_path: Path,
+) -> None:
+    from monoray.errors import InputError
+    from monoray.sweep.pack_fit import measure_pack_fit, pack_sizing
+    from monoray.sweep.runner import load_splits
+
+    space = load_space(DEMO, ["fixed.d_sae=4096", "fixed.batch_size=1024", "resources.gpu=1"])
+    splits = load_splits(space.data)
+    fit = measure_pack_fit(space, splits)
+    assert fit.per_member_bytes > 4096 * 54 * 4 * 4  # weights, grads and Adam's two moments
+    assert fit.largest >= 2
+    assert pack_sizing(replace(space, resources=replace(space.resources, pack=2)), splits)
+    huge = replace(space, resources=replace(space.resources, pack=fit.largest + 1))
+    with pytest.raises(InputError, match=r"resources.pack: \d+ does not fit: at most"):
+        pack_sizing(huge, splits)

@@ -25,6 +25,7 @@ from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
 from monoray.sweep.moasha import build_scheduler
+from monoray.sweep.pack_fit import pack_sizing
 from monoray.sweep.packed import sae_pack_trial, tune_samples
 from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
@@ -77,6 +78,8 @@ class SweepResult:
     """Wall time of `Tuner.fit` (all trials)."""
     publish_s: float
     """Wall time of the end-of-sweep work (Pareto table, plots, registry)."""
+    pack_sizing: str | None = None
+    """Dry runs of SAE spaces: how many packed members fit the local GPU (`pack_fit`)."""
 
 
 def dry_run_space(space: SweepSpace) -> SweepSpace:
@@ -168,7 +171,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             "or --name to start another"
         )
 
-    splits = None
+    splits, pack_line = None, None
     if space.kind == "finetune":
         from monoray.finetune.trial import check_finetune_space, finetune_trainable
 
@@ -176,6 +179,8 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     else:
         splits = load_splits(space.data)
         check_trial_config(space, splits)
+        if opts.dry_run:
+            pack_line = pack_sizing(space, splits)
     start_ray(opts.address)  # an unreachable cluster fails here, before anything is created
     paths.ensure()
     storage_url = opts.storage or paths.optuna_url
@@ -279,4 +284,5 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         ray_dir=exp_dir,
         fit_s=fit_s,
         publish_s=time.perf_counter() - publish_start,
+        pack_sizing=pack_line,
     )
