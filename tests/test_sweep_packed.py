@@ -27,11 +27,15 @@ from tests.test_bad_inputs import assert_refused, files_under, run_cli
 from tests.test_faults import (
     Injector,
     audited,
+    driver_cmd,
     fault_space,
     is_trial_worker,
+    kill_driver_when,
     last_result,
     metric_values,
+    n_finished,
     poll,
+    resumed_to_the_end,
     sweep,
 )
 from tests.test_sweep_integration import DEMO, REPO, assert_consistent, small_space, study_of
@@ -233,3 +237,21 @@ def test_pack_sizing_measures_the_gpu_and_refuses_a_pack_that_does_not_fit(
     huge = replace(space, resources=replace(space.resources, pack=fit.largest + 1))
     with pytest.raises(InputError, match=r"resources.pack: \d+ does not fit: at most"):
         pack_sizing(huge, splits)
+
+
+@pytest.mark.faults
+@pytest.mark.slow  # two driver starts + the audit CLI: minutes on 2 CPUs (`make test-all`)
+@pytest.mark.timeout(1200)
+def test_driver_killed_mid_pack_then_resumed_finishes_exactly_n(tmp_path: Path) -> None:
+    """The driver dies while both packs train; `--resume` ends with n trials, n runs, a clean
+    audit (no member duplicated, lost or left RUNNING) and the Pareto front published."""
+    root, name, budget, epochs = tmp_path / "runs", "pdriver", 4, 3
+    cmd = [*driver_cmd(root, name, budget, epochs), "--set", "resources.pack=2"]
+
+    def mid_pack() -> bool:
+        dirs = list((root / "ray" / name).glob("sae_pack_trial_*"))
+        return any(0 < min(member_epochs(d).values() or [epochs]) < epochs for d in dirs)
+
+    kill_driver_when(cmd, tmp_path / "driver.log", mid_pack, "a pack mid-training")
+    assert n_finished(root, name) < budget
+    resumed_to_the_end(root, name, cmd, budget)
