@@ -81,7 +81,7 @@ class MemberOutcome:
 
 
 @dataclass
-class _Member:
+class Member:
     """A live member: its index in the pack and its run."""
 
     index: int
@@ -129,7 +129,7 @@ def stacked_pre(saes: Sequence[SparseAutoencoder], x: Tensor) -> list[Tensor]:
     return list(pre.unbind(0))
 
 
-def _kernel_pres(members: Sequence[_Member], x: Tensor) -> list[Tensor | None]:
+def _kernel_pres(members: Sequence[Member], x: Tensor) -> list[Tensor | None]:
     """Pre-activations for `members` (one data group's batch x): batched per kernel group;
     None (the SAE computes its own) for a member alone in its kernel group."""
     pres: list[Tensor | None] = [None] * len(members)
@@ -160,16 +160,55 @@ class _Rng:
             torch.cuda.set_rng_state(state[1])
 
 
-class _Pack:
+class Pack:
     """The pack's live members and the outcomes of those that ended."""
 
     def __init__(self, size: int, on_epoch: MemberOnEpoch | None, keep: int) -> None:
         self.outcomes: list[MemberOutcome | None] = [None] * size
-        self.live: list[_Member] = []
+        self.live: list[Member] = []
         self.on_epoch = on_epoch
         self.keep = keep
 
-    def fail(self, member: _Member, err: Exception) -> None:
+    @classmethod
+    def open(
+        cls,
+        cfgs: Sequence[TrainConfig],
+        splits: FeatureSplits,
+        out_dirs: Sequence[Path],
+        *,
+        resume: bool,
+        on_epoch: MemberOnEpoch | None = None,
+        keep: int = 2,
+    ) -> Pack:
+        """Every member's run (`open_run`); a finished or failing one gets its outcome now."""
+        if len(cfgs) != len(out_dirs):
+            raise InputError(f"train_pack: {len(cfgs)} configs but {len(out_dirs)} out dirs")
+        pack = cls(len(cfgs), on_epoch, keep)
+        for i, (cfg, out_dir) in enumerate(zip(cfgs, out_dirs, strict=True)):
+            try:
+                run = open_run(cfg, splits, out_dir=Path(out_dir), resume=resume)
+                if run.start >= cfg.epochs:  # finished before: rewrite its outputs only
+                    pack.outcomes[i] = MemberOutcome(metrics=run.finish(None))
+                    continue
+            except InputError as err:
+                pack.outcomes[i] = MemberOutcome(failure=failure_report(err, rank=0))
+                continue
+            pack.live.append(Member(i, run, run.start))
+        return pack
+
+    def begin_epoch(self, group: list[Member], epoch: int) -> _Rng:
+        """Seed epoch `epoch` of a data group as `train_sae` does; every member's RNG stream
+        starts there."""
+        torch.manual_seed(epoch_seed(group[0].cfg.seed, epoch))
+        rng = _Rng(group[0].run.device)
+        seeded = rng.get()
+        for m in group:
+            m.run.sae.train()
+            m.totals = EpochTotals(m.run.device)
+            m.rng = seeded
+        return rng
+
+    def fail(self, member: Member, err: Exception) -> None:
         report = failure_report(err, rank=0)
         if report is None:
             raise err
@@ -178,37 +217,36 @@ class _Pack:
         if member in self.live:
             self.live.remove(member)
 
-    def train_epoch(self, group: list[_Member], epoch: int, batches: _Batches, bar: Any) -> None:
+    def step(self, members: list[Member], x_raw: Tensor, epoch: int, rng: _Rng) -> None:
+        """One optimizer step of every member of a data group on the batch `x_raw`, the
+        encoder GEMM batched per kernel group; a member that fails is dropped."""
+        x = normalize_inputs(x_raw, members[0].cfg.normalize)
+        for m, pre in zip(members, _kernel_pres(members, x), strict=True):
+            rng.set(m.rng)
+            try:
+                terms = m.run.train_step(x, x_raw, epoch, pre=pre)
+            except (DivergedError, InputError) as err:
+                self.fail(m, err)
+                continue
+            finally:
+                m.rng = rng.get()
+            assert m.totals is not None
+            m.totals.add(terms, m.run.step)
+
+    def train_epoch(self, group: list[Member], epoch: int, batches: _Batches, bar: Any) -> None:
         """Epoch `epoch` of one data group, one batch gather per step for all its members."""
         cfg = group[0].cfg
         n, bs = batches.n, cfg.batch_size
         steps_per_epoch = math.ceil(n / bs)
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))
-        rng = _Rng(batches.device)
-        seeded = rng.get()
-        for m in group:
-            m.run.sae.train()
-            m.totals = EpochTotals(m.run.device)
-            m.rng = seeded
+        rng = self.begin_epoch(group, epoch)
         perm = torch.randperm(n, generator=generator)
         for b in range(steps_per_epoch):
             alive = [m for m in group if m in self.live]
             if not alive:
                 return
             x_raw = batches.get(perm[b * bs : (b + 1) * bs])
-            x = normalize_inputs(x_raw, cfg.normalize)
-            for m, pre in zip(alive, _kernel_pres(alive, x), strict=True):
-                rng.set(m.rng)
-                try:
-                    terms = m.run.train_step(x, x_raw, epoch, pre=pre)
-                except (DivergedError, InputError) as err:
-                    self.fail(m, err)
-                    continue
-                finally:
-                    m.rng = rng.get()
-                assert m.totals is not None
-                m.totals.add(terms, m.run.step)
+            self.step(alive, x_raw, epoch, rng)
             if bar is not None:
                 for _ in alive:
                     bar.step()
@@ -220,7 +258,7 @@ class _Pack:
                 self.fail(m, err)
 
     def evaluate(
-        self, members: list[_Member], splits: FeatureSplits, epoch: int
+        self, members: list[Member], splits: FeatureSplits, epoch: int
     ) -> dict[int, EvalResult]:
         """Every member's evaluation after `epoch` in one pass over the val split (per
         device and eval batch size); a member whose evaluation fails is failed."""
@@ -250,7 +288,7 @@ class _Pack:
                     results[m.index] = accs[m.index].result()
         return results
 
-    def end_epoch(self, member: _Member, epoch: int, result: EvalResult) -> None:
+    def end_epoch(self, member: Member, epoch: int, result: EvalResult) -> None:
         """Checkpoint, report, then finish or stop `member` if this was its last epoch."""
         run = member.run
         metrics, ckpt_dir = run.end_epoch(epoch, member.train, result, keep=self.keep)
@@ -290,20 +328,9 @@ def train_pack(
     with `train_sae`'s `on_epoch` metrics; True stops that member there.
     Returns one `MemberOutcome` per member, in order.
     """
-    if len(cfgs) != len(out_dirs):
-        raise InputError(f"train_pack: {len(cfgs)} configs but {len(out_dirs)} out dirs")
-    pack = _Pack(len(cfgs), on_epoch, keep_checkpoints)
-    for i, (cfg, out_dir) in enumerate(zip(cfgs, out_dirs, strict=True)):
-        try:
-            run = open_run(cfg, splits, out_dir=Path(out_dir), resume=resume)
-            if run.start >= cfg.epochs:  # finished before: rewrite its outputs only
-                pack.outcomes[i] = MemberOutcome(metrics=run.finish(None))
-                continue
-        except InputError as err:
-            pack.outcomes[i] = MemberOutcome(failure=failure_report(err, rank=0))
-            continue
-        pack.live.append(_Member(i, run, run.start))
-
+    pack = Pack.open(
+        cfgs, splits, out_dirs, resume=resume, on_epoch=on_epoch, keep=keep_checkpoints
+    )
     batches = {
         dev: _Batches(splits.train.features, dev) for dev in {m.run.device for m in pack.live}
     }
@@ -319,7 +346,7 @@ def train_pack(
             # Members behind (after a resume) catch up first, so that the pack shares again.
             epoch = min(m.next_epoch for m in pack.live)
             now = [m for m in pack.live if m.next_epoch == epoch]
-            for group in _groups(now, _Member.data_key):
+            for group in _groups(now, Member.data_key):
                 pack.train_epoch(group, epoch, batches[group[0].run.device], bar)
             now = [m for m in now if m in pack.live]
             results = pack.evaluate(now, splits, epoch)
