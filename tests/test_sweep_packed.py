@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from monoray.cli import main
 from monoray.sweep.audit import audit_sweep
@@ -77,6 +77,32 @@ def test_packed_demo_sweep_is_n_trials_runs_front_registry_and_clean_audit(
     assert report.ok, report.problems
     assert (report.n_trials, report.n_runs, report.n_complete) == (6, 6, 6)
     assert report.n_checkpoints == 12  # every member: its MLflow copy and its Tune checkpoint
+
+
+def constraints(trial: FrozenTrial) -> dict[str, float]:
+    """The constraint values Optuna holds for a trial (`Trial.set_constraint`)."""
+    found = {k: v for k, v in trial.system_attrs.items() if k.startswith("constraints")}
+    assert found, trial.system_attrs
+    return found
+
+
+def test_a_packed_sweep_records_what_the_unpacked_sweep_records(ray_session, project: Path) -> None:
+    """The reference: the same 4 trials (the baseline and TPE's random start-up points, so
+    the same parameters whatever the order of the asks) as 4 Tune trials and as one pack.
+    On CPU the engine's members are bit-identical to `train_sae` (tests/test_train_packed.py);
+    the tolerance only allows float32 rounding of the reported values."""
+    runs = {}
+    for pack in (1, 4):
+        name = f"ref-{pack}"
+        run_sweep(small_space(f"resources.pack={pack}"), SweepOptions(name=name, progress=False))
+        runs[pack] = {t.number: t for t in study_of(project, name).trials}
+    assert sorted(runs[1]) == sorted(runs[4]) == [0, 1, 2, 3]
+    for number, alone in runs[1].items():
+        packed = runs[4][number]
+        assert packed.params == alone.params
+        assert packed.state == alone.state == TrialState.COMPLETE
+        assert packed.values == pytest.approx(alone.values, rel=1e-6, abs=1e-9)
+        assert constraints(packed) == pytest.approx(constraints(alone), rel=1e-6, abs=1e-9)
 
 
 def test_a_diverging_member_fails_alone(ray_session, project: Path) -> None:
