@@ -268,7 +268,7 @@ class MlflowTracker(Callback):
     ) -> None:
         if PACK_KEY in trial.config and MEMBER_KEY not in result:
             return  # a pack's last result: its members' outcomes, ended in on_trial_complete
-        number = int(result.get(MEMBER_KEY, trial.config.get(TRIAL_KEY, -1)))
+        number = int(result[MEMBER_KEY] if MEMBER_KEY in result else trial.config[TRIAL_KEY])
         run_id = self.run_for(trial, number)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self._last_epoch.get(number, 0):
