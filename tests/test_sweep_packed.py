@@ -19,8 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from monoray.cli import main
 from monoray.sweep.audit import audit_sweep
+from monoray.sweep.packed import MEMBER_KEY
 from monoray.sweep.runner import SweepOptions, run_sweep
-from monoray.sweep.search import FAIL_ATTR, MEMBER_KEY, RAY_TRIAL_ATTR
+from monoray.sweep.search import FAIL_ATTR, RAY_TRIAL_ATTR
 from monoray.sweep.space import load_space
 from monoray.sweep.tracking import PARETO_TAG
 from tests.test_bad_inputs import assert_refused, files_under, run_cli

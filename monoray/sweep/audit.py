@@ -42,9 +42,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from monoray.errors import InputError
-from monoray.sweep.packed import member_dir, pack_members
+from monoray.sweep.packed import PACK_KEY, member_dir, pack_members
 from monoray.sweep.paths import ProjectPaths
-from monoray.sweep.search import PACK_KEY, STOPPED_VALUES_ATTR, TRIAL_KEY, redact, storage_for
+from monoray.sweep.search import STOPPED_VALUES_ATTR, TRIAL_KEY, redact, storage_for
 from monoray.sweep.tracking import (
     ROLE_TAG,
     STOPPED_TAG,

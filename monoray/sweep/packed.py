@@ -28,9 +28,14 @@ from ray import tune
 
 from monoray.data import FeatureSplits
 from monoray.runs.workers import epoch_report, reportable
-from monoray.sweep.search import MEMBER_KEY, OUTCOMES_KEY, PACK_KEY, TRIAL_KEY
 from monoray.sweep.trial import scratch_dir, trial_params
 
+PACK_KEY = "_pack"
+"""Config key of a packed Tune trial: its members, each `pack_member(number, params)`."""
+MEMBER_KEY = "pack_member"
+"""Result key: the Optuna trial number a packed trial's epoch result is about."""
+OUTCOMES_KEY = "pack_outcomes"
+"""Last result of a packed trial: JSON `{number: final metrics or failure report}`."""
 MEMBERS = "members"
 """Subdirectory of a pack checkpoint holding one checkpoint directory per member."""
 
@@ -40,10 +45,21 @@ def member_dir(pack_checkpoint: Path, number: int) -> Path:
     return pack_checkpoint / MEMBERS / f"trial-{number:04d}"
 
 
+def pack_member(number: int, params: dict[str, Any]) -> dict[str, Any]:
+    """One member of a packed config: its Optuna trial number and searched parameters."""
+    return {"number": number, "params": params}
+
+
 def pack_members(config: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """(Optuna trial number, full training parameters) of each member of a packed config."""
     fixed = trial_params(config)
-    return [(int(m[TRIAL_KEY]), {**fixed, **trial_params(m)}) for m in config.get(PACK_KEY, ())]
+    return [(int(m["number"]), {**fixed, **m["params"]}) for m in config.get(PACK_KEY, ())]
+
+
+def member_outcomes(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each member's final result, from a packed trial's last result ({} if it has none)."""
+    raw = result.get(OUTCOMES_KEY)
+    return {int(k): v for k, v in json.loads(raw).items()} if isinstance(raw, str) else {}
 
 
 def tune_samples(num_samples: int, pack: int) -> int:

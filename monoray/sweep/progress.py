@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from monoray.sweep.moasha import STOPPED_KEY
-from monoray.sweep.search import MEMBER_KEY, PACK_KEY, TRIAL_KEY, failure_reason, member_outcomes
+from monoray.sweep.packed import MEMBER_KEY, PACK_KEY, member_outcomes
+from monoray.sweep.search import TRIAL_KEY, failure_reason
 from monoray.sweep.tracking import trial_members
 
 

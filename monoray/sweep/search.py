@@ -9,7 +9,6 @@ id (and each config with the Optuna trial number, which keys the MLflow run).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from typing import Any
@@ -21,6 +20,7 @@ from ray.tune.utils.util import unflatten_dict
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
 from monoray.sweep.moasha import STOPPED_KEY
+from monoray.sweep.packed import PACK_KEY, member_outcomes, pack_member
 from monoray.sweep.space import Param, SweepSpace, grid_points
 
 BASELINE_ATTR = "monoray_baseline"
@@ -32,13 +32,6 @@ STOPPED_VALUES_ATTR = "stopped_values"
 STOPPED_EPOCH_ATTR = "stopped_epoch"
 TRIAL_KEY = "_optuna_trial"
 """Config key carrying the Optuna trial number into the trial and the tracker."""
-PACK_KEY = "_pack"
-"""Config key of a packed Tune trial (`monoray.sweep.packed`): one `{TRIAL_KEY: n, **params}`
-per member."""
-MEMBER_KEY = "pack_member"
-"""Result key: the Optuna trial number a packed trial's epoch result is about."""
-OUTCOMES_KEY = "pack_outcomes"
-"""Last result of a packed trial: JSON `{number: final metrics or failure report}`."""
 
 
 def build_sampler(space: SweepSpace) -> optuna.samplers.BaseSampler:
@@ -215,7 +208,7 @@ class MonorayOptunaSearch(OptunaSearch):
         for ot_trial in self._packs[trial_id]:
             params = self._suggest_from_define_by_run_func(self._space, ot_trial)
             ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
-            members.append({**unflatten_dict(params), TRIAL_KEY: ot_trial.number})
+            members.append(pack_member(ot_trial.number, unflatten_dict(params)))
         return {PACK_KEY: members}
 
     def on_trial_complete(
@@ -271,12 +264,6 @@ class MonorayOptunaSearch(OptunaSearch):
         study_id = storage.get_study_id_from_name(self._ot_study.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         return storage.get_trial(trial_id).state
-
-
-def member_outcomes(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Each member's final result, from a packed trial's last result ({} if it has none)."""
-    raw = result.get(OUTCOMES_KEY)
-    return {int(k): v for k, v in json.loads(raw).items()} if isinstance(raw, str) else {}
 
 
 def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: bool) -> str | None:

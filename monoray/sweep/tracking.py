@@ -22,15 +22,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
 from monoray.sweep.moasha import STOPPED_KEY
-from monoray.sweep.search import (
-    MEMBER_KEY,
-    PACK_KEY,
-    TRIAL_KEY,
-    failure_reason,
-    member_outcomes,
-    redact,
-    with_driver,
-)
+from monoray.sweep.packed import MEMBER_KEY, PACK_KEY, member_dir, member_outcomes, pack_members
+from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
 
 SWEEP_TAG = "monoray.sweep"
 ROLE_TAG = "monoray.role"
@@ -162,8 +155,6 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 def trial_members(trial: Any) -> list[tuple[int, dict[str, Any]]]:
     """(Optuna trial number, parameters) of each Optuna trial a Tune trial runs (a pack: several)."""
     if PACK_KEY in trial.config:
-        from monoray.sweep.packed import pack_members
-
         return pack_members(trial.config)
     return [(int(trial.config[TRIAL_KEY]), trial.config)]
 
@@ -317,8 +308,6 @@ class MlflowTracker(Callback):
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
     def log_checkpoint(self, run_id: str, checkpoint: Any, member: int | None = None) -> None:
-        from monoray.sweep.packed import member_dir
-
         with checkpoint.as_directory() as path:
             local = Path(path) if member is None else member_dir(Path(path), member)
             if local.is_dir():  # a member that diverged in its first epoch has none
