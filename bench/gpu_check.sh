@@ -15,8 +15,6 @@
 # of its stderr; the others still run. Exit code: 0 if every section passed, else 1.
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
 out=gpu_check.json
 quick=0
 while [ $# -gt 0 ]; do
@@ -27,6 +25,9 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
