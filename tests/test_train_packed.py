@@ -114,11 +114,12 @@ def test_pack_of_four_equals_each_member_alone_after_50_steps(
 def test_mixed_archs_sizes_and_seeds_form_sub_packs_and_equal_alone(
     digits: FeatureSplits, tmp_path: Path
 ) -> None:
-    """Two data groups (seeds), kernel groups by d_sae, every architecture, one dense member."""
+    """Two data groups (seeds), kernel groups by d_sae, every architecture, one dense member,
+    two evaluation passes (eval batch sizes)."""
     cfgs = [
         _cfg(digits, arch="topk", k=8, lr=2e-3),
         _cfg(digits, arch="jumprelu", lr=1e-3, mono_coef=0.05),
-        _cfg(digits, arch="vanilla", d_sae=32, lr=2e-3),
+        _cfg(digits, arch="vanilla", d_sae=32, lr=2e-3, eval_batch_size=50),
         _cfg(digits, arch="matryoshka", k=8, lr=3e-3, seed=7),
         _cfg(digits, arch="batchtopk", k=8, lr=3e-3, seed=7, batch_size=32),
         _cfg(digits, arch="batchtopk", k=8, lr=3e-3, impl="dense", mono_coef=0.03),

@@ -80,7 +80,7 @@ class MemberOutcome:
     """The epoch after which `on_epoch` asked to stop it (no `metrics.json` is written)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Member:
     """A live member: its index in the pack and its run."""
 
