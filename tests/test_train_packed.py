@@ -293,3 +293,29 @@ def test_a_pack_killed_mid_epoch_resumes_every_member_like_an_uninterrupted_pack
     assert outcomes == reference
     for i in range(4):
         _assert_same_run(killed / f"m{i}", tmp_path / f"packed{i}")
+
+
+@pytest.mark.timeout(600)
+def test_a_pack_reads_each_batch_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One data group: one train gather per step and one val pass per epoch for all members;
+    a second seed is a second data group with its own gathers."""
+    from monoray.train import packed
+
+    splits = load_features("digits").head(256)
+    gathers, val_reads = [], []
+    real_get, real_val = packed._Batches.get, packed.val_batch
+    monkeypatch.setattr(
+        packed._Batches, "get", lambda self, idx: gathers.append(1) or real_get(self, idx)
+    )
+    monkeypatch.setattr(packed, "val_batch", lambda *a: val_reads.append(1) or real_val(*a))
+    base = {"epochs": 1, "batch_size": 64, "eval_batch_size": 128}
+    cfgs = [
+        _cfg(splits, arch="batchtopk", k=8, lr=1e-3, **base),
+        _cfg(splits, arch="topk", k=4, lr=2e-3, mono_coef=0.1, **base),
+        _cfg(splits, arch="vanilla", d_sae=32, lr=3e-3, **base),
+    ]
+    assert all(o.metrics for o in _pack(cfgs, splits, tmp_path))
+    assert (len(gathers), len(val_reads)) == (256 // 64, 256 // 128)
+    gathers.clear()
+    _pack([*cfgs, _cfg(splits, arch="batchtopk", seed=3, **base)], splits, tmp_path / "two")
+    assert len(gathers) == 2 * 256 // 64
