@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from monoray.data import FeatureSplits, load_features
+from monoray.runs.checkpoint import CHECKPOINTS
 from monoray.runs.outcome import DIVERGED_KEY, INPUT_ERROR_KEY, METRICS_FILE
 from monoray.sae import TOPK_FAMILY
 from monoray.train import TrainConfig, train_sae
-from monoray.train.checkpoint import CHECKPOINTS
 from monoray.train.packed import MemberOutcome, train_pack
 
 ROWS = 400
