@@ -19,11 +19,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from monoray.cli import main
 from monoray.sweep.audit import audit_sweep
-from monoray.sweep.packed import MEMBER_KEY
 from monoray.sweep.runner import SweepOptions, run_sweep
 from monoray.sweep.search import FAIL_ATTR, RAY_TRIAL_ATTR
 from monoray.sweep.space import load_space
 from monoray.sweep.tracking import PARETO_TAG
+from monoray.trials.packed import MEMBER_KEY
 from tests.test_bad_inputs import assert_refused, files_under, run_cli
 from tests.test_faults import (
     Injector,
@@ -253,7 +253,7 @@ def test_pack_sizing_measures_the_gpu_and_refuses_a_pack_that_does_not_fit(
 ) -> None:
     from monoray.errors import InputError
     from monoray.sweep.pack_fit import measure_pack_fit, pack_sizing
-    from monoray.sweep.runner import load_splits
+    from monoray.trials.sae import load_splits
 
     space = load_space(DEMO, ["fixed.d_sae=4096", "fixed.batch_size=1024", "resources.gpu=1"])
     splits = load_splits(space.data)

@@ -26,9 +26,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from monoray.data import FeatureSplits, load_features
+from monoray.runs.checkpoint import CHECKPOINTS
 from monoray.runs.outcome import DIVERGED_KEY, INPUT_ERROR_KEY, METRICS_FILE
+from monoray.sae import TOPK_FAMILY
 from monoray.train import TrainConfig, train_sae
-from monoray.train.checkpoint import CHECKPOINTS
 from monoray.train.packed import MemberOutcome, train_pack
 
 ROWS = 400
@@ -114,11 +115,12 @@ def test_pack_of_four_equals_each_member_alone_after_50_steps(
 def test_mixed_archs_sizes_and_seeds_form_sub_packs_and_equal_alone(
     digits: FeatureSplits, tmp_path: Path
 ) -> None:
-    """Two data groups (seeds), kernel groups by d_sae, every architecture, one dense member."""
+    """Two data groups (seeds), kernel groups by d_sae, every architecture, one dense member,
+    two evaluation passes (eval batch sizes)."""
     cfgs = [
         _cfg(digits, arch="topk", k=8, lr=2e-3),
         _cfg(digits, arch="jumprelu", lr=1e-3, mono_coef=0.05),
-        _cfg(digits, arch="vanilla", d_sae=32, lr=2e-3),
+        _cfg(digits, arch="vanilla", d_sae=32, lr=2e-3, eval_batch_size=50),
         _cfg(digits, arch="matryoshka", k=8, lr=3e-3, seed=7),
         _cfg(digits, arch="batchtopk", k=8, lr=3e-3, seed=7, batch_size=32),
         _cfg(digits, arch="batchtopk", k=8, lr=3e-3, impl="dense", mono_coef=0.03),
@@ -141,7 +143,7 @@ member = st.fixed_dictionaries(
         "seed": st.sampled_from([0, 1]),
         "batch_size": st.sampled_from([32, 64]),
     }
-)
+).map(lambda m: m if m["arch"] in TOPK_FAMILY else {k: v for k, v in m.items() if k != "k"})
 
 
 @pytest.mark.timeout(1200)
@@ -291,3 +293,29 @@ def test_a_pack_killed_mid_epoch_resumes_every_member_like_an_uninterrupted_pack
     assert outcomes == reference
     for i in range(4):
         _assert_same_run(killed / f"m{i}", tmp_path / f"packed{i}")
+
+
+@pytest.mark.timeout(600)
+def test_a_pack_reads_each_batch_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One data group: one train gather per step and one val pass per epoch for all members;
+    a second seed is a second data group with its own gathers."""
+    from monoray.train import packed
+
+    splits = load_features("digits").head(256)
+    gathers, val_reads = [], []
+    real_get, real_val = packed._Batches.get, packed.val_batch
+    monkeypatch.setattr(
+        packed._Batches, "get", lambda self, idx: gathers.append(1) or real_get(self, idx)
+    )
+    monkeypatch.setattr(packed, "val_batch", lambda *a: val_reads.append(1) or real_val(*a))
+    base = {"epochs": 1, "batch_size": 64, "eval_batch_size": 128}
+    cfgs = [
+        _cfg(splits, arch="batchtopk", k=8, lr=1e-3, **base),
+        _cfg(splits, arch="topk", k=4, lr=2e-3, mono_coef=0.1, **base),
+        _cfg(splits, arch="vanilla", d_sae=32, lr=3e-3, **base),
+    ]
+    assert all(o.metrics for o in _pack(cfgs, splits, tmp_path))
+    assert (len(gathers), len(val_reads)) == (256 // 64, 256 // 128)
+    gathers.clear()
+    _pack([*cfgs, _cfg(splits, arch="batchtopk", seed=3, **base)], splits, tmp_path / "two")
+    assert len(gathers) == 2 * 256 // 64

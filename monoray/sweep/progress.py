@@ -14,10 +14,9 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from monoray.sweep.moasha import STOPPED_KEY
-from monoray.sweep.packed import MEMBER_KEY, PACK_KEY, member_outcomes
-from monoray.sweep.search import TRIAL_KEY, failure_reason
+from monoray.sweep.search import STOPPED_KEY, TRIAL_KEY, failure_reason
 from monoray.sweep.tracking import trial_members
+from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_outcomes
 
 
 class SweepProgress(Callback):

@@ -19,13 +19,14 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
-from monoray.sweep.moasha import STOPPED_KEY
-from monoray.sweep.packed import PACK_KEY, member_outcomes, pack_member
 from monoray.sweep.space import Param, SweepSpace, grid_points
+from monoray.trials.packed import PACK_KEY, member_outcomes, pack_member
 
 BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
 FAIL_ATTR = "fail_reason"
+STOPPED_KEY = "monoray_stopped"
+"""Result key of a stopped trial's last result: where and why it stopped."""
 STOPPED_ATTR = "stopped"
 """User attrs of a PRUNED trial: where and why it stopped, and its objectives there."""
 STOPPED_VALUES_ATTR = "stopped_values"

@@ -83,11 +83,11 @@ def pick_groups(acts: np.ndarray, per: int) -> dict[str, np.ndarray]:
 def run(args: argparse.Namespace) -> int:
     from monoray.data import DataSource, load_features, load_source
     from monoray.plots import LatentPanel, Sample, plot_activation_grid
-    from monoray.sae import build_sae
-    from monoray.train.checkpoint import load_checkpoint
+    from monoray.runs.checkpoint import load_checkpoint
+    from monoray.runs.device import resolve_device
+    from monoray.sae import build_sae, drop_unused
     from monoray.train.config import TrainConfig
     from monoray.train.evaluate import evaluate
-    from monoray.train.trainer import resolve_device
 
     if not args.dir.exists():
         raise InputError(f"{args.dir}: no such directory")
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.per_group < 1:
         raise InputError(f"--per-group must be >= 1, got {args.per_group}")
-    cfg = TrainConfig.from_dict(ckpt.config)
+    cfg = TrainConfig.from_dict(drop_unused(ckpt.config))
     if args.features is not None:
         splits = load_features(args.features, val_source=args.val_features, d_in=cfg.sae.d_in)
     elif ckpt.data is not None:

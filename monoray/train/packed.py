@@ -42,6 +42,7 @@ from torch import Tensor
 from monoray.data import FeatureSplits
 from monoray.errors import InputError
 from monoray.runs.outcome import DivergedError, failure_report
+from monoray.runs.seeding import epoch_seed
 from monoray.sae import SparseAutoencoder
 from monoray.train.config import TrainConfig
 from monoray.train.evaluate import (
@@ -56,7 +57,6 @@ from monoray.train.trainer import (
     Run,
     _Batches,
     _progress_bar,
-    epoch_seed,
     open_run,
 )
 
@@ -80,7 +80,7 @@ class MemberOutcome:
     """The epoch after which `on_epoch` asked to stop it (no `metrics.json` is written)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Member:
     """A live member: its index in the pack and its run."""
 

@@ -1,7 +1,7 @@
 """Packed trials: P SAE trials (P Optuna trials, P MLflow runs) trained as ONE Tune trial.
 
 `resources.pack: P` makes the searcher ask Optuna for P trials at once
-(`MonorayOptunaSearch.suggest`); their parameters travel in the Tune config
+(`monoray.sweep.search.MonorayOptunaSearch`); their parameters travel in the Tune config
 under `PACK_KEY`, and `sae_pack_trial` trains them together with
 `monoray.train.packed.train_pack`. Each member still reports on its own:
 
@@ -28,7 +28,7 @@ from ray import tune
 
 from monoray.data import FeatureSplits
 from monoray.runs.workers import epoch_report, reportable
-from monoray.sweep.trial import scratch_dir, trial_params
+from monoray.trials.tune import scratch_dir, trial_params
 
 PACK_KEY = "_pack"
 """Config key of a packed Tune trial: its members, each `pack_member(number, params)`."""
@@ -71,12 +71,12 @@ def restore_pack(dest: Path, numbers: list[int]) -> dict[int, Path]:
     """Member number -> its intact checkpoint in the newest usable persisted pack checkpoint.
 
     A pack checkpoint with any member's checkpoint damaged is skipped for the
-    previous one (as `monoray.sweep.restore` does for single trials); {} on a
+    previous one (as `monoray.trials.restore` does for single trials); {} on a
     first attempt or when none is intact.
     """
     from monoray.errors import InputError
-    from monoray.sweep.restore import older_checkpoints
-    from monoray.train.checkpoint import read_checkpoint_dir
+    from monoray.runs.checkpoint import read_checkpoint_dir
+    from monoray.trials.restore import older_checkpoints
 
     latest = tune.get_checkpoint()
     if latest is None:
@@ -95,8 +95,8 @@ def restore_pack(dest: Path, numbers: list[int]) -> dict[int, Path]:
 
 def sae_pack_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     """Tune function trainable of a pack: train every member, report each member epoch."""
+    from monoray.runs.checkpoint import CHECKPOINTS, read_checkpoint_dir
     from monoray.train import TrainConfig
-    from monoray.train.checkpoint import CHECKPOINTS, read_checkpoint_dir
     from monoray.train.packed import train_pack
 
     members = pack_members(config)
