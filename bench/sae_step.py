@@ -130,6 +130,8 @@ def bench_arch(
         variants["auto_mono_float64"] = ("auto", MONO_COEF, "float64")
     if args.dense_mono:
         variants["dense_mono"] = ("dense", MONO_COEF, default_precision)
+    if args.sparse:
+        variants["sparse"] = ("sparse", 0.0, default_precision)
     steps: dict[str, Callable[[], str]] = {}
     models: dict[str, SparseAutoencoder] = {}
     paths: dict[str, str] = {}
@@ -165,7 +167,12 @@ def bench_arch(
     mono_ms = time_mono(models["auto"], x, device, reps, default_precision)
     ratio = best["auto_mono"] / best["auto"]
     speedup = best["dense"] / best["auto"]
+    if args.sparse:
+        extra = {"speedup_sparse_vs_dense": round(best["dense"] / best["sparse"], 3)}
+    else:
+        extra = {}
     return {
+        **extra,
         "path": paths["auto"],
         "mono_precision": default_precision,
         "paths": paths,
@@ -224,6 +231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unfused-adam", action="store_true", help="Adam(fused=False) instead")
     p.add_argument("--mono-float64", action="store_true", help="also time float64 MonoLoss")
     p.add_argument("--dense-mono", action="store_true", help="also time dense + MonoLoss")
+    p.add_argument("--sparse", action="store_true", help="also time impl=sparse (GPU: not auto)")
     for key, value in PAPER.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"{value}")
     return p.parse_args(argv)

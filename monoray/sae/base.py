@@ -130,18 +130,23 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(model.d_in))
 
     # ---- public API ----------------------------------------------------------------
-    def forward_train(self, x: Tensor, embeddings: Tensor | None = None) -> SAEOutput:
+    def forward_train(
+        self, x: Tensor, embeddings: Tensor | None = None, *, pre: Tensor | None = None
+    ) -> SAEOutput:
         """Loss terms of a training batch; the only method that updates training buffers.
 
         `embeddings` are MonoLoss' similarity embeddings of the same samples
-        (default: `x`); they never need grad.
+        (default: `x`); they never need grad. `pre`: the batch's `_pre(x)` when
+        the caller computed it (a packed step's batched GEMM); the dense path then
+        attaches it to the graph with a dense backward (`_attach_dense`).
         """
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> SparseLatents:
-        """Evaluation latents of `x`: batch independent, changes no state."""
-        return self._encode_eval(self._pre(x))
+    def encode(self, x: Tensor, *, pre: Tensor | None = None) -> SparseLatents:
+        """Evaluation latents of `x` (`pre`: its `_pre(x)`, if the caller has it): batch
+        independent, changes no state."""
+        return self._encode_eval(self._pre(x) if pre is None else pre)
 
     @torch.no_grad()
     def decode(self, latents: SparseLatents | Tensor) -> Tensor:

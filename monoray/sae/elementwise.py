@@ -19,13 +19,16 @@ class ElementwiseSAE(SparseAutoencoder):
 
     sparsity_coef: float = 0.0
 
-    def forward_train(self, x: Tensor, embeddings: Tensor | None = None) -> SAEOutput:
+    def forward_train(
+        self, x: Tensor, embeddings: Tensor | None = None, *, pre: Tensor | None = None
+    ) -> SAEOutput:
         emb = x if embeddings is None else embeddings
         self.collective.begin_batch(x.shape[0])
         impl = self.cfg.impl
         if impl == "dense" or (impl == "auto" and x.device.type != "cpu"):
-            return self._train_dense(x, emb, self._pre_dense(x))
-        pre = self._pre(x).clamp_min_(0)
+            pre = self._pre_dense(x) if pre is None else self._attach_dense(x, pre)
+            return self._train_dense(x, emb, pre)
+        pre = (self._pre(x) if pre is None else pre).clamp_min_(0)
         mask = self._train_mask(pre)
         if impl == "auto" and int(mask.count_nonzero()) > SPARSE_MAX_DENSITY * mask.numel():
             return self._train_dense(x, emb, self._attach_dense(x, pre))

@@ -36,12 +36,14 @@ class TopKFamily(SparseAutoencoder):
         )
         self.steps_since_fired: Tensor
 
-    def forward_train(self, x: Tensor, embeddings: Tensor | None = None) -> SAEOutput:
+    def forward_train(
+        self, x: Tensor, embeddings: Tensor | None = None, *, pre: Tensor | None = None
+    ) -> SAEOutput:
         emb = x if embeddings is None else embeddings
         self.collective.begin_batch(x.shape[0])
         dead = self.steps_since_fired >= self.cfg.dead_steps_threshold
         if self._sparse_by_device(x):
-            pre = self._pre(x)
+            pre = self._pre(x) if pre is None else pre
             pattern, pre_values = self._select_train(pre)
             acts = F.relu(self._encode_at(x, pattern, pre_values))
             latents = SparseLatents(acts, pattern.cols, pattern.row_offsets, self.cfg.d_sae)
@@ -50,7 +52,7 @@ class TopKFamily(SparseAutoencoder):
             mono = self._mono(emb, latents)
             path = "sparse"
         else:
-            pre = self._pre_dense(x)
+            pre = self._pre_dense(x) if pre is None else self._attach_dense(x, pre)
             dense = self._activate_dense(pre)
             latents = SparseLatents.from_dense(dense)
             recon, terms = self._recon_dense(x, dense)

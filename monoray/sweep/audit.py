@@ -54,6 +54,7 @@ from monoray.sweep.tracking import (
     find_parent,
     trial_runs,
 )
+from monoray.trials.packed import PACK_KEY, member_dir, pack_members
 
 ProblemKind = Literal["lost", "duplicate", "running", "mismatch", "damaged"]
 _TUNE_CHECKPOINT = re.compile(r"^checkpoint_(\d{6,})$")
@@ -282,16 +283,24 @@ def _told(trial: FrozenTrial, n: int) -> list[float]:
 
 
 def _tune_checkpoints(exp_dir: Path) -> dict[int, list[Path]]:
-    """Tune's persisted checkpoints per Optuna trial number, newest (highest index) first."""
+    """Tune's persisted checkpoints per Optuna trial number, newest (highest index) first.
+
+    A pack member's are its directories inside its pack's checkpoints.
+    """
     found: dict[int, list[tuple[int, Path]]] = {}
     for params in exp_dir.glob("*/params.json"):
-        number = json.loads(params.read_text()).get(TRIAL_KEY)
-        if number is None:
+        config = json.loads(params.read_text())
+        numbers = [n for n, _ in pack_members(config)] if PACK_KEY in config else []
+        if not numbers and config.get(TRIAL_KEY) is None:
             continue
         for d in params.parent.iterdir():
             m = _TUNE_CHECKPOINT.match(d.name)
-            if m and d.is_dir():
-                found.setdefault(int(number), []).append((int(m[1]), d))
+            if not (m and d.is_dir()):
+                continue
+            if not numbers:
+                found.setdefault(int(config[TRIAL_KEY]), []).append((int(m[1]), d))
+            for n in numbers:
+                found.setdefault(n, []).append((int(m[1]), member_dir(d, n)))
     return {n: [d for _, d in sorted(dirs, reverse=True)] for n, dirs in found.items()}
 
 

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Pareto front ({' vs '.join(result.pareto.metrics)}):", file=out)
         print(result.pareto.table(), file=out)
         print(f"table: {result.pareto.csv_path}", file=out)
+    if result.pack_sizing is not None:
+        print(result.pack_sizing, file=out)
     if args.dry_run:
         print("dry run passed: the space, data and resources work on this machine", file=out)
     else:

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from monoray.sweep.search import STOPPED_KEY, TRIAL_KEY, failure_reason
+from monoray.sweep.tracking import trial_members
+from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_outcomes
 
 
 class SweepProgress(Callback):
@@ -52,15 +54,15 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any):
         if self._bar is not None and "epoch" in result:
-            number = trial.config.get(TRIAL_KEY, "?")
+            number = result.get(MEMBER_KEY, trial.config.get(TRIAL_KEY, "?"))
             text = f"trial {number} epoch {result['epoch']} {self._shown(result)}"
             self._bar.update(self._task, description=text)
 
-    def _finish(self, trial: Any, status: str) -> None:
+    def _finish(self, number: int, status: str, result: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._done += 1
-        line = f"trial {trial.config.get(TRIAL_KEY, '?'):>3} {status:<6} {self._shown(trial.last_result or {})}"
+        line = f"trial {number:>3} {status:<6} {self._shown(result)}"
         if self._bar is not None:
             self._bar.update(self._task, completed=self._done)
             self._bar.console.print(line)
@@ -68,13 +70,17 @@ class SweepProgress(Callback):
             print(f"[{self._done}/{self.total}] {line}", file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        reason = failure_reason(result, self.metrics, error=False)
-        stopped = reason is None and result.get(STOPPED_KEY)
-        self._finish(trial, "FAILED" if reason else "stop" if stopped else "done")
+        last = trial.last_result or {}
+        outcomes = member_outcomes(last)  # a pack: one line per member
+        for number, _ in trial_members(trial):
+            result = outcomes.get(number, {}) if PACK_KEY in trial.config else last
+            reason = failure_reason(result, self.metrics, error=False)
+            stopped = reason is None and result.get(STOPPED_KEY)
+            self._finish(number, "FAILED" if reason else "stop" if stopped else "done", result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "ERROR")
+        for number, _ in trial_members(trial):
+            self._finish(number, "ERROR", {})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._bar is not None:

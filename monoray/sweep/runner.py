@@ -24,6 +24,7 @@ from ray import tune
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
 from monoray.sweep.moasha import build_scheduler
+from monoray.sweep.pack_fit import pack_sizing
 from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.progress import SweepProgress
@@ -75,6 +76,8 @@ class SweepResult:
     """Wall time of `Tuner.fit` (all trials)."""
     publish_s: float
     """Wall time of the end-of-sweep work (Pareto table, plots, registry)."""
+    pack_sizing: str | None = None
+    """Dry runs of SAE spaces: how many packed members fit the local GPU (`pack_fit`)."""
 
 
 def dry_run_space(space: SweepSpace) -> SweepSpace:
@@ -129,6 +132,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
 
     kind = space.trial_kind
     prepared = kind.preflight(space)  # bad input fails here, before Ray or any record
+    pack_line = pack_sizing(space, prepared) if opts.dry_run and space.kind == "sae" else None
     start_ray(opts.address)  # an unreachable cluster fails here, before anything is created
     paths.ensure()
     storage_url = opts.storage or paths.optuna_url
@@ -223,4 +227,5 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         ray_dir=exp_dir,
         fit_s=fit_s,
         publish_s=time.perf_counter() - publish_start,
+        pack_sizing=pack_line,
     )

@@ -17,9 +17,11 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
 from monoray.sweep.space import Param, SweepSpace, grid_points
+from monoray.trials.packed import PACK_KEY, member_outcomes, pack_member
 
 BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
@@ -201,8 +203,12 @@ class MonorayOptunaSearch(OptunaSearch):
         self._constraints = space.constraints
         self._rdb = storage
         self._budget = space.budget.num_samples
+        self._pack = space.resources.pack
+        self._packs: dict[str, list[optuna.Trial]] = {}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._pack > 1:
+            return self._suggest_pack(trial_id)
         if n_created(self._ot_study) >= self._budget:
             return Searcher.FINISHED
         config = super().suggest(trial_id)
@@ -212,13 +218,38 @@ class MonorayOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         return {**config, TRIAL_KEY: ot_trial.number}
 
+    def _suggest_pack(self, trial_id: str) -> dict[str, Any] | str:
+        """P Optuna trials for one Tune trial; the budget counts members, so the last is smaller."""
+        if trial_id not in self._packs:
+            size = min(self._pack, self._budget - n_created(self._ot_study))
+            if size <= 0:
+                return Searcher.FINISHED
+            self._packs[trial_id] = [self._ot_study.ask() for _ in range(size)]
+        members = []
+        for ot_trial in self._packs[trial_id]:
+            params = self._suggest_from_define_by_run_func(self._space, ot_trial)
+            ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+            members.append(pack_member(ot_trial.number, unflatten_dict(params)))
+        return {PACK_KEY: members}
+
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
+        if trial_id in self._packs:
+            self._completed_trials.add(trial_id)
+            outcomes = member_outcomes(result or {})
+            for ot_trial in self._packs[trial_id]:
+                self._finish(ot_trial, outcomes.get(ot_trial.number), error)
+            return
+        if trial_id not in self._ot_trials:
+            return
         self._completed_trials.add(trial_id)
+        self._finish(self._ot_trials[trial_id], result, error)
+
+    def _finish(self, ot_trial: optuna.Trial, result: dict[str, Any] | None, error: bool) -> None:
+        """Tell Optuna how one trial ended: COMPLETE, PRUNED or FAIL with its reason."""
         if self._stored_state(ot_trial.number).is_finished():
             # Told before the driver died, re-run by Tune from an older snapshot.
             return

@@ -117,6 +117,8 @@ class Resources:
     """Fractional GPUs are logical: trials share the device, Ray does not partition it."""
     workers: int = 0
     """Ray Train workers per trial; 0 runs the trial in-process (sae: 1 too)."""
+    pack: int = 1
+    """SAE trials trained together in one Tune trial (`monoray.trials.packed`); cpu/gpu are the pack's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,14 +488,17 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
             minimum=0,
         ),
     )
-    res = r.mapping(doc.get("resources"), "resources", {"cpu", "gpu", "workers"})
+    res = r.mapping(doc.get("resources"), "resources", {"cpu", "gpu", "workers", "pack"})
     resources = Resources(
         cpu=r.number(res.get("cpu", defaults[Resources]["cpu"]), "resources.cpu", positive=True),
         gpu=_non_negative(r, res.get("gpu", defaults[Resources]["gpu"]), "resources.gpu"),
         workers=r.integer(
             res.get("workers", defaults[Resources]["workers"]), "resources.workers", minimum=0
         ),
+        pack=r.integer(res.get("pack", defaults[Resources]["pack"]), "resources.pack", minimum=1),
     )
+    if resources.pack > 1:
+        _check_pack(r, kind, resources, scheduler)
     base = doc.get("baseline", True)
     if isinstance(base, bool):
         baseline = Baseline(enabled=base)
@@ -532,6 +537,18 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     if baseline.enabled and sampler.type != "grid":  # a grid's baselines are its λ = 0 points
         _check_baseline_pins(r, search, baseline.params)
     return space
+
+
+def _check_pack(r: _Reader, kind: str, resources: Resources, scheduler: Scheduler) -> None:
+    """What a pack of trials cannot be combined with (yet)."""
+    if kind != "sae":
+        raise r.fail("resources.pack", "1 for kind: finetune (packs train SAEs)", resources.pack)
+    if resources.workers >= 2:
+        raise r.fail("resources.pack", "1 with resources.workers >= 2", resources.pack)
+    if scheduler.type == "mo_asha":
+        raise r.fail(
+            "resources.pack", "1 with scheduler: mo_asha (not supported yet)", resources.pack
+        )
 
 
 def grid_points(search: tuple[Param, ...]) -> list[dict[str, Any]]:

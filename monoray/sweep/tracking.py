@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
+from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_dir, member_outcomes, pack_members
 
 SWEEP_TAG = "monoray.sweep"
 ROLE_TAG = "monoray.role"
@@ -33,7 +34,14 @@ ERROR_TAG = "monoray.error"
 STOPPED_TAG = "monoray.stopped"
 """On a trial MO-ASHA stopped (status KILLED): the rung, epoch and why."""
 # Result keys that are bookkeeping, not metrics.
-_NOT_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid"}
+_NOT_METRICS = {
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "pid",
+    MEMBER_KEY,
+}
 _MAX_PARAM = 6000
 
 
@@ -144,6 +152,13 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def trial_members(trial: Any) -> list[tuple[int, dict[str, Any]]]:
+    """(Optuna trial number, parameters) of each Optuna trial a Tune trial runs (a pack: several)."""
+    if PACK_KEY in trial.config:
+        return pack_members(trial.config)
+    return [(int(trial.config[TRIAL_KEY]), trial.config)]
+
+
 class MlflowTracker(Callback):
     """Tune callback: the only MLflow writer of a sweep."""
 
@@ -210,8 +225,10 @@ class MlflowTracker(Callback):
             self._last_epoch[number] = int(run.data.metrics.get("epoch", 0))
         return parent
 
-    def run_for(self, trial: Any) -> str:
-        number = int(trial.config[TRIAL_KEY])
+    def run_for(self, trial: Any, number: int | None = None) -> str:
+        """The MLflow run of Optuna trial `number` (default: the trial's own), created once."""
+        members = dict(trial_members(trial))
+        number = next(iter(members)) if number is None else number
         run_id = self._runs.get(number)
         if run_id is None:
             run = self.client.create_run(
@@ -226,21 +243,24 @@ class MlflowTracker(Callback):
                 },
             )
             run_id = run.info.run_id
-            self.client.log_batch(run_id, params=flat_params(trial.config))
+            self.client.log_batch(run_id, params=flat_params(members[number]))
             self._runs[number] = run_id
             self._last_epoch[number] = 0
         return run_id
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_for(trial)
-        self.client.update_run(run_id, status="RUNNING")
-        self.client.set_tag(run_id, RAY_TRIAL_TAG, trial.trial_id)
+        for number, _ in trial_members(trial):
+            run_id = self.run_for(trial, number)
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, RAY_TRIAL_TAG, trial.trial_id)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        number = int(trial.config[TRIAL_KEY])
-        run_id = self.run_for(trial)
+        if PACK_KEY in trial.config and MEMBER_KEY not in result:
+            return  # a pack's last result: its members' outcomes, ended in on_trial_complete
+        number = int(result[MEMBER_KEY] if MEMBER_KEY in result else trial.config[TRIAL_KEY])
+        run_id = self.run_for(trial, number)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self._last_epoch.get(number, 0):
             return  # already logged before a retry or a resume: never duplicate
@@ -250,11 +270,23 @@ class MlflowTracker(Callback):
         self._last_epoch[number] = epoch
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_for(trial)
         result = trial.last_result or {}
+        if PACK_KEY not in trial.config:
+            self.end_run(self.run_for(trial), result, trial.checkpoint, None)
+            return
+        outcomes = member_outcomes(result)
+        for number, _ in trial_members(trial):
+            self.end_run(
+                self.run_for(trial, number), outcomes.get(number), trial.checkpoint, number
+            )
+
+    def end_run(
+        self, run_id: str, result: dict[str, Any] | None, checkpoint: Any, member: int | None
+    ) -> None:
+        """Log the final checkpoint (a pack member's part of it) and end the run as it ended."""
         reason = failure_reason(result, self.metrics, error=False)
-        if trial.checkpoint is not None and trial.checkpoint.path:
-            self.log_checkpoint(run_id, trial.checkpoint)
+        if checkpoint is not None and checkpoint.path:
+            self.log_checkpoint(run_id, checkpoint, member)
         if reason is None and result.get(STOPPED_KEY):
             self.client.set_tag(run_id, STOPPED_TAG, str(result[STOPPED_KEY]))
             self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
@@ -264,20 +296,22 @@ class MlflowTracker(Callback):
             self.fail(run_id, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_for(trial)
         message = "trial raised an error"
         if trial.error_file and Path(trial.error_file).is_file():
             lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
             message = lines[-1][:500] if lines else message
-        self.fail(run_id, message)
+        for number, _ in trial_members(trial):
+            self.fail(self.run_for(trial, number), message)
 
     def fail(self, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, ERROR_TAG, reason[:5000])
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
-    def log_checkpoint(self, run_id: str, checkpoint: Any) -> None:
+    def log_checkpoint(self, run_id: str, checkpoint: Any, member: int | None = None) -> None:
         with checkpoint.as_directory() as path:
-            self.client.log_artifacts(run_id, path, "checkpoint")
+            local = Path(path) if member is None else member_dir(Path(path), member)
+            if local.is_dir():  # a member that diverged in its first epoch has none
+                self.client.log_artifacts(run_id, str(local), "checkpoint")
 
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id:

@@ -112,6 +112,110 @@ def _as_sparse(latents: Any) -> SparseLatents:
     return SparseLatents.from_dense(latents)
 
 
+class Evaluation:
+    """The streaming accumulators of one SAE's evaluation pass over a split (`evaluate`)."""
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        split: FeatureSplit,
+        device: torch.device,
+        collect: Sequence[int] | None = None,
+    ) -> None:
+        self.sae, self.split, self.device = sae, split, device
+        n, d = split.features.shape
+        m = sae.cfg.d_sae
+        self.mono = MonoScoreAccumulator(d, m, device=device)
+        self.recon = ReconstructionAccumulator(d, m, device=device)
+        labels = split.labels
+        self.purity = None
+        if labels is not None and len(labels):  # classes of the whole split, on every rank
+            self.purity = ClassPurityAccumulator(m, int(labels.max()) + 1, device=device)
+        self.fire = torch.zeros(m, dtype=torch.int64, device=device)
+        self.collect = collect
+        self.chosen = None
+        self.collected = None
+        if collect is not None:
+            self.chosen = torch.full((m,), -1, dtype=torch.int64, device=device)
+            self.chosen[torch.as_tensor(list(collect), dtype=torch.int64, device=device)] = (
+                torch.arange(len(collect), device=device)
+            )
+            self.collected = np.zeros((n, len(collect)), dtype=np.float32)
+
+    @torch.no_grad()
+    def update(self, start: int, x_raw: Tensor, x: Tensor, pre: Tensor | None = None) -> None:
+        """Add val rows `start...` (`x_raw` raw, `x` normalised; `pre` the SAE's `_pre(x)` if
+        the caller has it). Raises `NonFiniteOutputError` for non-finite SAE output."""
+        sae = self.sae
+        stop = start + x.shape[0]
+        lat = _as_sparse(sae.encode(x, pre=pre))
+        recon = sae.decode(lat)
+        if not bool(torch.isfinite(lat.values).all() & torch.isfinite(recon).all()):
+            raise NonFiniteOutputError(
+                f"the SAE's output holds NaN/inf on val rows {start}-{stop - 1}"
+            )
+        csr = lat.to_csr()
+        self.recon.update(x, recon, csr)
+        self.mono.update(x_raw, csr)
+        if self.purity is not None:
+            assert self.split.labels is not None
+            self.purity.update(csr, as_tensor(self.split.labels[start:stop]))
+        pos = lat.values > 0
+        cols = lat.col_indices[pos]
+        self.fire += torch.bincount(cols, minlength=sae.cfg.d_sae)
+        if self.chosen is not None and self.collect is not None and self.collected is not None:
+            rows = lat.row_indices()[pos]
+            j = self.chosen[cols]
+            keep = j >= 0
+            block = torch.zeros(
+                stop - start, len(self.collect), dtype=torch.float32, device=self.device
+            )
+            block[rows[keep], j[keep]] = lat.values[pos][keep].float()
+            self.collected[start:stop] = block.cpu().numpy()
+
+    def result(self, collective: Collective = LOCAL) -> EvalResult:
+        """The metrics of the rows added (merged over the ranks of `collective`)."""
+        mono, recon_acc, purity, fire = self.mono, self.recon, self.purity, self.fire
+        if collective.size > 1:
+            mono = collective.merged(mono)
+            recon_acc = collective.merged(recon_acc)
+            purity = None if purity is None else collective.merged(purity)
+            fire = collective.all_reduce(fire)
+        result = mono.result()
+        summary = monoscore_summary(result.scores, result.active)
+        recon_metrics = recon_acc.compute()
+        if purity is not None:
+            p_bin, p_wtd = purity.compute()
+        else:
+            p_bin = p_wtd = float("nan")
+        metrics = {
+            "r2": recon_metrics["r2"],
+            "explained_variance": recon_metrics["explained_variance"],
+            "l0": recon_metrics["l0"],
+            "dead_fraction": recon_metrics["dead_fraction"],
+            "fvu": recon_metrics["fvu"],
+            "mse": recon_metrics["mse"],
+            **summary.as_dict(),
+            "purity_binary": p_bin,
+            "purity_weighted": p_wtd,
+            "val_samples": float(self.split.features.shape[0]),
+        }
+        return EvalResult(
+            metrics=metrics,
+            monoscore=result.scores.cpu().numpy().astype(np.float64),
+            fire_count=fire.cpu().numpy().astype(np.int64),
+            collected=self.collected,
+        )
+
+
+def val_batch(split: FeatureSplit, start: int, stop: int, device: torch.device) -> Tensor:
+    """Raw val rows [start, stop) on `device`; `InputError` if any is not finite (bad data)."""
+    x_raw = as_tensor(split.features[start:stop], np.float32).to(device)
+    if not bool(torch.isfinite(x_raw).all()):  # bad data, not a divergence
+        raise_nonfinite(x_raw, "val features", row_offset=start)
+    return x_raw
+
+
 @torch.no_grad()
 def evaluate(
     sae: SparseAutoencoder,
@@ -134,80 +238,9 @@ def evaluate(
     (the same result on every rank).
     """
     device = torch.device(device) if device is not None else next(sae.parameters()).device
-    n, d = split.features.shape
-    m = sae.cfg.d_sae
-    mono = MonoScoreAccumulator(d, m, device=device)
-    recon_acc = ReconstructionAccumulator(d, m, device=device)
-    labels = split.labels
-    purity = None
-    if labels is not None and len(labels):  # classes of the whole split, on every rank
-        purity = ClassPurityAccumulator(m, int(labels.max()) + 1, device=device)
-    fire = torch.zeros(m, dtype=torch.int64, device=device)
-    chosen = None
-    if collect is not None:
-        chosen = torch.full((m,), -1, dtype=torch.int64, device=device)
-        chosen[torch.as_tensor(list(collect), dtype=torch.int64, device=device)] = torch.arange(
-            len(collect), device=device
-        )
-        collected = np.zeros((n, len(collect)), dtype=np.float32)
-    lo, hi = collective.val_rows(n)
+    acc = Evaluation(sae, split, device, collect)
+    lo, hi = collective.val_rows(split.features.shape[0])
     for start in range(lo, hi, batch_size):
-        stop = min(start + batch_size, hi)
-        x_raw = as_tensor(split.features[start:stop], np.float32)
-        x_raw = x_raw.to(device)
-        if not bool(torch.isfinite(x_raw).all()):  # bad data, not a divergence
-            raise_nonfinite(x_raw, "val features", row_offset=start)
-        x = normalize_inputs(x_raw, normalize)
-        lat = _as_sparse(sae.encode(x))
-        recon = sae.decode(lat)
-        if not bool(torch.isfinite(lat.values).all() & torch.isfinite(recon).all()):
-            raise NonFiniteOutputError(
-                f"the SAE's output holds NaN/inf on val rows {start}-{stop - 1}"
-            )
-        csr = lat.to_csr()
-        recon_acc.update(x, recon, csr)
-        mono.update(x_raw, csr)
-        if purity is not None:
-            purity.update(csr, as_tensor(labels[start:stop]))
-        pos = lat.values > 0
-        cols = lat.col_indices[pos]
-        fire += torch.bincount(cols, minlength=m)
-        if chosen is not None:
-            rows = lat.row_indices()[pos]
-            j = chosen[cols]
-            keep = j >= 0
-            block = torch.zeros(stop - start, len(collect), dtype=torch.float32, device=device)
-            block[rows[keep], j[keep]] = lat.values[pos][keep].float()
-            collected[start:stop] = block.cpu().numpy()
-
-    if collective.size > 1:
-        mono = collective.merged(mono)
-        recon_acc = collective.merged(recon_acc)
-        purity = None if purity is None else collective.merged(purity)
-        fire = collective.all_reduce(fire)
-    result = mono.result()
-    summary = monoscore_summary(result.scores, result.active)
-    recon_metrics = recon_acc.compute()
-    if purity is not None:
-        p_bin, p_wtd = purity.compute()
-    else:
-        p_bin = p_wtd = float("nan")
-    fire_np = fire.cpu().numpy()
-    metrics = {
-        "r2": recon_metrics["r2"],
-        "explained_variance": recon_metrics["explained_variance"],
-        "l0": recon_metrics["l0"],
-        "dead_fraction": recon_metrics["dead_fraction"],
-        "fvu": recon_metrics["fvu"],
-        "mse": recon_metrics["mse"],
-        **summary.as_dict(),
-        "purity_binary": p_bin,
-        "purity_weighted": p_wtd,
-        "val_samples": float(n),
-    }
-    return EvalResult(
-        metrics=metrics,
-        monoscore=result.scores.cpu().numpy().astype(np.float64),
-        fire_count=fire_np.astype(np.int64),
-        collected=collected if collect is not None else None,
-    )
+        x_raw = val_batch(split, start, min(start + batch_size, hi), device)
+        acc.update(start, x_raw, normalize_inputs(x_raw, normalize))
+    return acc.result(collective)

@@ -28,7 +28,7 @@ from monoray.runs.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, sa
 from monoray.runs.device import resolve_device
 from monoray.runs.outcome import DivergedError, write_outputs
 from monoray.runs.seeding import epoch_seed
-from monoray.sae import build_sae, drop_unused
+from monoray.sae import SparseAutoencoder, build_sae, drop_unused
 from monoray.sae.collective import Collective
 from monoray.train.config import TrainConfig
 from monoray.train.distributed import check_shards
@@ -145,6 +145,199 @@ def _not_rank0(*_: Any, **__: Any) -> None:
     """Checkpoints are rank 0's: other ranks write nothing."""
 
 
+class Run:
+    """The training state of one SAE run (`open_run`): what `train_sae` and `train_pack` step."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        splits: FeatureSplits,
+        out_dir: Path,
+        sae: SparseAutoencoder,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.sae = sae
+        self.device = device
+        # One fused kernel for all parameters (paper-size CPU step: monoray/sae/PERFORMANCE.md).
+        fused = self.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(
+            sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=fused
+        )
+        self.where = splits.source.features if splits.source is not None else "features"
+        self.data_record = splits.source.to_dict() if splits.source is not None else None
+        self.zero_rows = splits.zero_rows or count_zero_rows(splits.train, splits.val)
+        self.start, self.step = 0, 0
+        self.history: list[dict[str, float]] = []
+        self.ckpt: Checkpoint | None = None
+        self.schedule = Schedule.of(cfg, math.ceil(len(splits.train) / cfg.batch_size))
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        _check_resume(ckpt, self.cfg)
+        ckpt_data = None if ckpt.data is None else DataSource.from_dict(ckpt.data).to_dict()
+        if ckpt_data is not None and self.data_record is not None and ckpt_data != self.data_record:
+            raise InputError(
+                f"{ckpt.path}/: cannot resume: the checkpoint was trained on "
+                f"{ckpt.data['features']}, this run uses {self.data_record['features']} "
+                "(or a different split)"
+            )
+        self.sae.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.start, self.step, self.history = ckpt.epoch, ckpt.step, list(ckpt.history)
+        self.ckpt = ckpt
+        log.info("resuming from %s (epoch %d, step %d)", ckpt.path, self.start, self.step)
+
+    def train_step(self, x: torch.Tensor, x_raw: torch.Tensor, epoch: int, pre: Any = None) -> Any:
+        """One optimizer step on batch `x` (normalised; `x_raw` the MonoLoss embeddings);
+        returns the loss terms (`SAELoss`, scheduled coefficients applied). `pre`: the batch's
+        pre-activations when the caller computed them (`SparseAutoencoder.forward_train`)."""
+        sae, cfg, optimizer, schedule = self.sae, self.cfg, self.optimizer, self.schedule
+        try:
+            out = sae.forward_train(x, x_raw, pre=pre)
+        except InputError as err:  # MonoLoss' input check saw the model blow up
+            if not _blew_up(sae, x):
+                raise
+            raise DivergedError(
+                f"latents became NaN/inf at epoch {epoch}, step {self.step + 1} "
+                f"(arch {cfg.sae.arch}, lr {cfg.lr:g}): {err}"
+            ) from None
+        terms = schedule.scale_loss(out.loss, self.step) if schedule.coefs_scheduled else out.loss
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        sae.collective.sum_grads(sae.parameters())
+        sae.before_optimizer_step()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        if schedule.lr_scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr_at(self.step)
+        optimizer.step()
+        sae.after_optimizer_step(optimizer)
+        self.step += 1
+        return terms
+
+    def evaluate_error(self, err: Exception, epoch: int) -> Exception:
+        """What an evaluation failure after `epoch` is to the run: a divergence or bad input."""
+        if isinstance(err, NonFiniteOutputError):
+            return DivergedError(f"evaluation after epoch {epoch} (step {self.step}): {err}")
+        return InputError(f"{self.where}: evaluation after epoch {epoch}: {err}")
+
+    def end_epoch(
+        self, epoch: int, train: dict[str, float], result: EvalResult, *, keep: int
+    ) -> tuple[dict[str, float], Path | None]:
+        """Record epoch `epoch` (history, checkpoint on rank 0); returns its metrics and the
+        checkpoint directory."""
+        metrics = {**train, **result.metrics, **self.zero_rows.metrics()}
+        metrics |= {"epoch": float(epoch), "step": float(self.step)}
+        self.history.append(metrics)
+        ckpt_dir = (save_checkpoint if self.sae.collective.rank == 0 else _not_rank0)(
+            self.out_dir / CHECKPOINTS,
+            epoch=epoch,
+            step=self.step,
+            config=self.cfg.to_dict(),
+            model_state=self.sae.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            history=self.history,
+            eval_tensors=result.tensors(),
+            data=self.data_record,
+            keep=keep,
+        )
+        return metrics, ckpt_dir
+
+    def finish(self, last_eval: EvalResult | None) -> dict[str, float]:
+        """The final metrics; rank 0 writes the run's outputs."""
+        if not self.history:
+            raise InputError(f"{self.out_dir}/: nothing to train (epochs={self.cfg.epochs})")
+        final = self.history[-1]
+        if self.sae.collective.rank != 0:
+            return final
+        ckpt = self.ckpt
+        if last_eval is None and ckpt is not None and "monoscore" in ckpt.eval_tensors:
+            last_eval = EvalResult.from_tensors(final, ckpt.eval_tensors)
+        write_outputs(self.out_dir, final, None if last_eval is None else last_eval.monoscore)
+        return final
+
+
+class EpochTotals:
+    """Sums of one epoch's loss terms and its first non-finite step, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, terms: Any, step: int) -> None:
+        bad = ~torch.isfinite(terms.loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        for key, value in terms.metrics().items():
+            v = torch.as_tensor(value).detach().to(device=self.device, dtype=torch.float64)
+            self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def result(self, run: Run, epoch: int, steps_per_epoch: int) -> dict[str, float]:
+        """Mean terms as `train_*` metrics; `DivergedError` if a step's loss was NaN/inf."""
+        coll, step = run.sae.collective, run.step
+        # One host sync per epoch: the summed loss terms and the first bad step together.
+        keys = list(self.sums)
+        first_bad = coll.all_reduce(
+            torch.where(self.first_bad < 0, step + 1, self.first_bad), "min"
+        )
+        first_bad = torch.where(first_bad > step, -1, first_bad)
+        totals = coll.all_reduce(torch.stack([self.sums[k] for k in keys]))
+        packed = torch.cat([totals, first_bad.to(torch.float64)[None]]).cpu()
+        bad_step = int(packed[-1])
+        if bad_step >= 0:
+            raise DivergedError(
+                f"loss became NaN/inf at epoch {epoch}, step {bad_step} "
+                f"(arch {run.cfg.sae.arch}, lr {run.cfg.lr:g})"
+            )
+        return {
+            f"train_{k}": v / steps_per_epoch
+            for k, v in zip(keys, packed[:-1].tolist(), strict=True)
+        }
+
+
+def open_run(
+    cfg: TrainConfig,
+    splits: FeatureSplits,
+    *,
+    out_dir: Path,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    collective: Collective | None = None,
+) -> Run:
+    """Check the data against `cfg`, build the SAE and optimizer, and restore the checkpoint
+    `resume` / `resume_from` asks for (see `train_sae`)."""
+    where = splits.source.features if splits.source is not None else "features"
+    check_dim(splits.train.dim, cfg.sae.d_in, where=where)
+    check_dim(splits.val.dim, cfg.sae.d_in, where=where)
+    if len(splits.train) == 0 or len(splits.val) == 0:
+        raise InputError(
+            f"{where}: the {'train' if len(splits.train) == 0 else 'val'} split is empty"
+        )
+    device = resolve_device(cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    sae = build_sae(cfg.sae).to(device)
+    if collective is not None:
+        sae.collective = collective
+    run = Run(cfg, splits, out_dir, sae, device)
+    ckpt = None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        if ckpt is None:
+            raise InputError(f"{resume_from}: no checkpoint to resume from")
+    elif resume:
+        ckpt = load_checkpoint(out_dir / CHECKPOINTS)
+        if ckpt is None:
+            log.info("no checkpoint in %s; starting from scratch", out_dir)
+    if ckpt is not None:
+        run.restore(ckpt)
+    return run
+
+
 def train_sae(
     cfg: TrainConfig,
     splits: FeatureSplits,
@@ -176,122 +369,39 @@ def train_sae(
     `monoray.train.distributed`); rank 0 alone writes checkpoints and outputs,
     other ranks get `on_epoch(..., None)`.
     """
-    out_dir = Path(out_dir)
-    where = splits.source.features if splits.source is not None else "features"
-    check_dim(splits.train.dim, cfg.sae.d_in, where=where)
-    check_dim(splits.val.dim, cfg.sae.d_in, where=where)
-    if len(splits.train) == 0 or len(splits.val) == 0:
-        raise InputError(
-            f"{where}: the {'train' if len(splits.train) == 0 else 'val'} split is empty"
-        )
-    device = resolve_device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(cfg.seed)
-    sae = build_sae(cfg.sae).to(device)
-    if collective is not None:
-        sae.collective = collective
-    coll = sae.collective
+    run = open_run(
+        cfg,
+        splits,
+        out_dir=Path(out_dir),
+        resume=resume,
+        resume_from=resume_from,
+        collective=collective,
+    )
+    sae, device, coll = run.sae, run.device, run.sae.collective
     main = coll.rank == 0
-    # One fused kernel for all parameters (paper-size CPU step: monoray/sae/PERFORMANCE.md).
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
-    start, step, history = 0, 0, []
     last_eval: EvalResult | None = None
-    ckpt = None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        if ckpt is None:
-            raise InputError(f"{resume_from}: no checkpoint to resume from")
-    elif resume:
-        ckpt = load_checkpoint(out_dir / CHECKPOINTS)
-        if ckpt is None:
-            log.info("no checkpoint in %s; starting from scratch", out_dir)
-    data_record = splits.source.to_dict() if splits.source is not None else None
-    zero_rows = splits.zero_rows or count_zero_rows(splits.train, splits.val)
-    if ckpt is not None:
-        _check_resume(ckpt, cfg)
-        ckpt_data = None if ckpt.data is None else DataSource.from_dict(ckpt.data).to_dict()
-        if ckpt_data is not None and data_record is not None and ckpt_data != data_record:
-            raise InputError(
-                f"{ckpt.path}/: cannot resume: the checkpoint was trained on "
-                f"{ckpt.data['features']}, this run uses {data_record['features']} "
-                "(or a different split)"
-            )
-        sae.load_state_dict(ckpt.model_state)
-        if ckpt.optimizer_state is not None:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        start, step, history = ckpt.epoch, ckpt.step, list(ckpt.history)
-        log.info("resuming from %s (epoch %d, step %d)", ckpt.path, start, step)
-
     batches = _Batches(splits.train.features, device)
     n, bs = batches.n, cfg.batch_size
     if coll.size > 1:
-        check_shards(n, bs, coll.size, where=where)
+        check_shards(n, bs, coll.size, where=run.where)
     steps_per_epoch = math.ceil(n / bs)
-    schedule = Schedule.of(cfg, steps_per_epoch)
     bar = _progress_bar(
-        cfg.epochs * steps_per_epoch, start * steps_per_epoch, progress if main else False
+        cfg.epochs * steps_per_epoch, run.start * steps_per_epoch, progress if main else False
     )
     try:
-        for epoch in range(start + 1, cfg.epochs + 1):
+        for epoch in range(run.start + 1, cfg.epochs + 1):
             generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
             torch.manual_seed(epoch_seed(cfg.seed, epoch))  # in-model sampling (e.g. resampling)
             perm = torch.randperm(n, generator=generator)
             sae.train()
-            sums: dict[str, torch.Tensor] = {}
-            first_bad = torch.full((), -1, dtype=torch.long, device=device)
+            totals = EpochTotals(device)
             for b in range(steps_per_epoch):
                 x_raw = batches.get(coll.shard(perm[b * bs : (b + 1) * bs]))
                 x = normalize_inputs(x_raw, cfg.normalize)
-                try:
-                    out = sae.forward_train(x, x_raw)
-                except InputError as err:  # MonoLoss' input check saw the model blow up
-                    if not _blew_up(sae, x):
-                        raise
-                    raise DivergedError(
-                        f"latents became NaN/inf at epoch {epoch}, step {step + 1} "
-                        f"(arch {cfg.sae.arch}, lr {cfg.lr:g}): {err}"
-                    ) from None
-                terms = (
-                    schedule.scale_loss(out.loss, step) if schedule.coefs_scheduled else out.loss
-                )
-                loss = terms.loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                coll.sum_grads(sae.parameters())
-                sae.before_optimizer_step()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-                if schedule.lr_scheduled:
-                    for group in optimizer.param_groups:
-                        group["lr"] = schedule.lr_at(step)
-                optimizer.step()
-                sae.after_optimizer_step(optimizer)
-                step += 1
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                for key, value in terms.metrics().items():
-                    v = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64)
-                    sums[key] = sums[key] + v if key in sums else v
+                totals.add(run.train_step(x, x_raw, epoch), run.step)
                 if bar is not None:
                     bar.step()
-            # One host sync per epoch: the summed loss terms and the first bad step together.
-            keys = list(sums)
-            first_bad = coll.all_reduce(torch.where(first_bad < 0, step + 1, first_bad), "min")
-            first_bad = torch.where(first_bad > step, -1, first_bad)
-            totals = coll.all_reduce(torch.stack([sums[k] for k in keys]))
-            packed = torch.cat([totals, first_bad.to(torch.float64)[None]]).cpu()
-            bad_step = int(packed[-1])
-            if bad_step >= 0:
-                raise DivergedError(
-                    f"loss became NaN/inf at epoch {epoch}, step {bad_step} "
-                    f"(arch {cfg.sae.arch}, lr {cfg.lr:g})"
-                )
-            train = {
-                f"train_{k}": v / steps_per_epoch
-                for k, v in zip(keys, packed[:-1].tolist(), strict=True)
-            }
+            train = totals.result(run, epoch, steps_per_epoch)
             try:
                 last_eval = evaluate(
                     sae,
@@ -301,27 +411,9 @@ def train_sae(
                     normalize=cfg.normalize,
                     collective=coll,
                 )
-            except NonFiniteOutputError as err:
-                raise DivergedError(
-                    f"evaluation after epoch {epoch} (step {step}): {err}"
-                ) from None
-            except InputError as err:  # never a divergence
-                raise InputError(f"{where}: evaluation after epoch {epoch}: {err}") from None
-            metrics = {**train, **last_eval.metrics, **zero_rows.metrics()}
-            metrics |= {"epoch": float(epoch), "step": float(step)}
-            history.append(metrics)
-            ckpt_dir = (save_checkpoint if main else _not_rank0)(
-                out_dir / CHECKPOINTS,
-                epoch=epoch,
-                step=step,
-                config=cfg.to_dict(),
-                model_state=sae.state_dict(),
-                optimizer_state=optimizer.state_dict(),
-                history=history,
-                eval_tensors=last_eval.tensors(),
-                data=data_record,
-                keep=keep_checkpoints,
-            )
+            except (NonFiniteOutputError, InputError) as err:
+                raise run.evaluate_error(err, epoch) from None
+            metrics, ckpt_dir = run.end_epoch(epoch, train, last_eval, keep=keep_checkpoints)
             if bar is not None:
                 bar.status(
                     f"ep {epoch} loss {train.get('train_loss', float('nan')):.3g} "
@@ -334,13 +426,4 @@ def train_sae(
     finally:
         if bar is not None:
             bar.close()
-
-    if not history:
-        raise InputError(f"{out_dir}/: nothing to train (epochs={cfg.epochs})")
-    final = history[-1]
-    if not main:
-        return final
-    if last_eval is None and ckpt is not None and "monoscore" in ckpt.eval_tensors:
-        last_eval = EvalResult.from_tensors(final, ckpt.eval_tensors)
-    write_outputs(out_dir, final, None if last_eval is None else last_eval.monoscore)
-    return final
+    return run.finish(last_eval)

@@ -3,7 +3,8 @@
 The feature splits come through `tune.with_parameters`, i.e. from Ray's object
 store, put there once by the driver and shared zero-copy by every trial on a
 node; with `resources.workers >= 2` each trial runs W Ray Train workers that
-open the data themselves.
+open the data themselves; with `resources.pack >= 2` each trial trains a pack
+of SAE trials (`monoray.trials.packed`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from monoray.train.trainer import train_sae
 from monoray.train.workers import check_workers, data_spec, fit_sae_workers
 from monoray.trials import tune as trial
 from monoray.trials.kind import Space, TrialKind, check_points
+from monoray.trials.packed import sae_pack_trial
 
 
 def _on_workers(space: Space) -> bool:
@@ -82,7 +84,8 @@ def sae_workers_trial(
 def trainable(space: Space, splits: FeatureSplits, storage: Path) -> Any:
     """In process (splits from the object store), or on Train workers (`resources` per worker)."""
     if not _on_workers(space):
-        fn = tune.with_parameters(sae_trial, splits=splits)
+        one = sae_trial if space.resources.pack == 1 else sae_pack_trial
+        fn = tune.with_parameters(one, splits=splits)
         return trial.with_resources(fn, space, on_workers=False)
     d = space.data
     fn = tune.with_parameters(

@@ -1,0 +1,134 @@
+"""Packed trials: P SAE trials (P Optuna trials, P MLflow runs) trained as ONE Tune trial.
+
+`resources.pack: P` makes the searcher ask Optuna for P trials at once
+(`monoray.sweep.search.MonorayOptunaSearch`); their parameters travel in the Tune config
+under `PACK_KEY`, and `sae_pack_trial` trains them together with
+`monoray.train.packed.train_pack`. Each member still reports on its own:
+
+- every member epoch is one Tune result tagged `MEMBER_KEY` (its Optuna
+  trial number), logged by the tracker to that member's MLflow run;
+- each report carries the pack checkpoint: `members/trial-NNNN/` holds every
+  member's newest epoch checkpoint, so a retried pack (worker SIGKILL)
+  resumes every unfinished member where it was;
+- the last result holds `OUTCOMES_KEY`, a JSON map from member number to its
+  final metrics or its failure report: the searcher tells Optuna and the
+  tracker ends the MLflow runs from it, member by member (one diverged member
+  is FAILED alone).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ray import tune
+
+from monoray.data import FeatureSplits
+from monoray.runs.workers import epoch_report, reportable
+from monoray.trials.tune import scratch_dir, trial_params
+
+PACK_KEY = "_pack"
+"""Config key of a packed Tune trial: its members, each `pack_member(number, params)`."""
+MEMBER_KEY = "pack_member"
+"""Result key: the Optuna trial number a packed trial's epoch result is about."""
+OUTCOMES_KEY = "pack_outcomes"
+"""Last result of a packed trial: JSON `{number: final metrics or failure report}`."""
+MEMBERS = "members"
+"""Subdirectory of a pack checkpoint holding one checkpoint directory per member."""
+
+
+def member_dir(pack_checkpoint: Path, number: int) -> Path:
+    """Where member `number`'s newest epoch checkpoint lives in a pack checkpoint."""
+    return pack_checkpoint / MEMBERS / f"trial-{number:04d}"
+
+
+def pack_member(number: int, params: dict[str, Any]) -> dict[str, Any]:
+    """One member of a packed config: its Optuna trial number and searched parameters."""
+    return {"number": number, "params": params}
+
+
+def pack_members(config: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(Optuna trial number, full training parameters) of each member of a packed config."""
+    fixed = trial_params(config)
+    return [(int(m["number"]), {**fixed, **m["params"]}) for m in config.get(PACK_KEY, ())]
+
+
+def member_outcomes(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each member's final result, from a packed trial's last result ({} if it has none)."""
+    raw = result.get(OUTCOMES_KEY)
+    return {int(k): v for k, v in json.loads(raw).items()} if isinstance(raw, str) else {}
+
+
+def restore_pack(dest: Path, numbers: list[int]) -> dict[int, Path]:
+    """Member number -> its intact checkpoint in the newest usable persisted pack checkpoint.
+
+    A pack checkpoint with any member's checkpoint damaged is skipped for the
+    previous one (as `monoray.trials.restore` does for single trials); {} on a
+    first attempt or when none is intact.
+    """
+    from monoray.errors import InputError
+    from monoray.runs.checkpoint import read_checkpoint_dir
+    from monoray.trials.restore import older_checkpoints
+
+    latest = tune.get_checkpoint()
+    if latest is None:
+        return {}
+    for candidate in [latest, *older_checkpoints(latest)]:
+        local = Path(candidate.to_directory(str(dest / PurePosixPath(candidate.path).name)))
+        found = {n: member_dir(local, n) for n in numbers if member_dir(local, n).is_dir()}
+        try:
+            for path in found.values():
+                read_checkpoint_dir(path)
+        except InputError:
+            continue
+        return found
+    return {}
+
+
+def sae_pack_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
+    """Tune function trainable of a pack: train every member, report each member epoch."""
+    from monoray.runs.checkpoint import CHECKPOINTS, read_checkpoint_dir
+    from monoray.train import TrainConfig
+    from monoray.train.packed import train_pack
+
+    members = pack_members(config)
+    numbers = [n for n, _ in members]
+    cfgs = [TrainConfig.from_dict({**p, "d_in": splits.train.dim}) for _, p in members]
+    work = scratch_dir()
+    stage = work / "pack-checkpoint"
+    (stage / MEMBERS).mkdir(parents=True)
+    out_dirs = [work / "runs" / f"trial-{n:04d}" for n in numbers]
+    resumed: dict[int, int] = {}
+    for n, src in restore_pack(work / "restored", numbers).items():
+        epoch = read_checkpoint_dir(src, with_optimizer=False).epoch
+        shutil.copytree(src, out_dirs[numbers.index(n)] / CHECKPOINTS / f"epoch-{epoch:04d}")
+        shutil.copytree(src, member_dir(stage, n))
+        resumed[n] = epoch
+
+    def on_epoch(i: int, epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> bool:
+        number = numbers[i]
+        dest = member_dir(stage, number)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, dest)
+        report = epoch_report(epoch, metrics, dest, resumed.get(number, 0))
+        tune.report({**report, MEMBER_KEY: number}, checkpoint=_checkpoint(stage))
+        return False
+
+    try:
+        outcomes = train_pack(
+            cfgs, splits, out_dirs=out_dirs, resume=bool(resumed), on_epoch=on_epoch, progress=False
+        )
+        final = {
+            str(n): o.failure or {k: v for k, v in (o.metrics or {}).items() if reportable(v)}
+            for n, o in zip(numbers, outcomes, strict=True)
+        }
+        # Members restored at their last epoch train nothing; the final checkpoint holds them.
+        tune.report({OUTCOMES_KEY: json.dumps(final)}, checkpoint=_checkpoint(stage))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _checkpoint(stage: Path) -> tune.Checkpoint:
+    return tune.Checkpoint.from_directory(str(stage))
