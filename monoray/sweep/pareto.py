@@ -31,9 +31,12 @@ from optuna.trial import TrialState
 
 from monoray.runs.workers import PROFILE_JSON
 from monoray.sweep.search import BASELINE_ATTR
+from monoray.sweep.summary import publish_summary
 from monoray.sweep.tracking import PARETO_TAG, SweepRecords
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+FRONT_IMAGE = "pareto_front.png"
+"""The front's plot at the parent run's artifact root: one click in the UI."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,7 @@ def publish_pareto(
         mpl = pareto_png(study, metrics, best)
         mpl.savefig(png_path, dpi=120)
         client.log_figure(records.parent_run_id, mpl, "pareto/pareto_front.png")
+        client.log_figure(records.parent_run_id, mpl, FRONT_IMAGE)
         plt.close(mpl)
 
     for t in study.trials:
@@ -163,6 +167,16 @@ def publish_pareto(
         client.log_figure(records.parent_run_id, fig, "pareto/monoscore_profiles.png")
         plt.close(fig)
 
+    publish_summary(
+        study,
+        client,
+        experiment_id=records.experiment_id,
+        parent_run_id=records.parent_run_id,
+        metrics=metrics,
+        rows=rows,
+        best=best,
+        bases=baselines(study),
+    )
     model_name = f"monoray-{sweep}"
     register_front(client, model_name, best, records.runs)
     return ParetoReport(metrics, rows, csv_path, html_path, png_path, model_name)
