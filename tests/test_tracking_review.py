@@ -261,3 +261,20 @@ def test_dashboard_for_a_missing_sweep_is_one_line(swept) -> None:
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no sweep named 'nope'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_audit_finds_a_parent_step_logged_twice(swept, tmp_path: Path) -> None:
+    """On a copy of the sweep's records: a second value at a logged hypervolume step."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    root, _, records = swept
+    copy = tmp_path / "runs"
+    shutil.copytree(root, copy)
+    client = MlflowClient(ProjectPaths.resolve(copy).tracking_uri)
+    client.log_metric(records.parent_run_id, HV_KEY, 0.5, step=1)
+    report = audit_sweep(NAME, root=copy)
+    assert [str(p) for p in report.problems] == [
+        f"duplicate: parent run: {HV_KEY} logged twice at steps [1]"
+    ]
