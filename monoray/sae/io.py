@@ -14,6 +14,7 @@ safetensors only; a missing, damaged or foreign file is one `InputError` line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -113,11 +114,7 @@ def save_sae(
         "monoray_version": __version__,
         "architecture": sae.cfg.arch,
         "sae": config_to_dict(sae.cfg),
-        "normalisation": {
-            "applied": normalisation.applied,
-            "features": normalisation.features,
-            "encoder": normalisation.encoder,
-        },
+        "normalisation": dataclasses.asdict(normalisation),
         "inference_threshold": inference_threshold(sae),
         "epoch": epoch,
         "data": data,
