@@ -152,6 +152,9 @@ def download(uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # a bar on stderr per download otherwise
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "false"
     try:
         return Path(
             mlflow.artifacts.download_artifacts(
@@ -161,6 +164,11 @@ def download(uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
     except (MlflowException, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{uri}: cannot download the SAE artifact ({first})") from None
+    finally:
+        if before is None:
+            del os.environ[quiet]
+        else:
+            os.environ[quiet] = before
 
 
 def artifact_dir(root: Path, where: str) -> Path:
