@@ -144,7 +144,11 @@ def test_read_and_export_from_an_mlflow_uri(tmp_path, capsys):
         got = read_sae(source, tracking_uri=uri).sae
         for key, value in want.state_dict().items():
             assert torch.equal(got.state_dict()[key], value), key
-    argv = ["export", f"runs:/{run_id}/model", "--tracking-uri", uri, "--format", "saelens"]
+    client.create_registered_model("monoray-e")
+    client.create_model_version("monoray-e", source=f"runs:/{run_id}/model", run_id=run_id)
+    got = read_sae("models:/monoray-e/1", tracking_uri=uri).sae
+    assert torch.equal(got.log_threshold, want.log_threshold)
+    argv = ["export", "models:/monoray-e/1", "--tracking-uri", uri, "--format", "saelens"]
     assert main([*argv, "--out", str(tmp_path / "lens")]) == 0
     assert (tmp_path / "lens" / "sae_weights.safetensors").is_file()
     capsys.readouterr()

@@ -107,6 +107,9 @@ def test_save_replaces_an_artifact_but_no_other_directory(tmp_path):
     with pytest.raises(InputError, match="not an SAE artifact; not overwriting"):
         save_sae(first, other, normalisation=UNIT)
     assert (other / "keep.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        save_sae(first, other / "keep.txt", normalisation=UNIT)
+    assert (other / "keep.txt").read_text() == "mine"
 
 
 @pytest.fixture

@@ -100,6 +100,8 @@ def save_sae(
     from monoray import __version__
 
     final = Path(directory)
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{final}: exists and is not a directory")
     if final.is_dir() and any(final.iterdir()) and not (final / CFG_FILE).is_file():
         raise InputError(f"{final}/: exists and is not an SAE artifact; not overwriting it")
     final.parent.mkdir(parents=True, exist_ok=True)
