@@ -22,6 +22,7 @@ COMMANDS = {
     "audit": "monoray.sweep.audit_cli",
     "ui": "monoray.sweep.ui_cli",
     "dashboard": "monoray.sweep.dashboard_cli",
+    "export": "monoray.sweep.export_cli",
     "extract": "monoray.extract.cli",
     "finetune": "monoray.finetune.cli",
 }

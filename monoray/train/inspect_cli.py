@@ -1,7 +1,7 @@
 """`monoray inspect`: top / middle / bottom activating val samples of chosen latents.
 
-Loads a run's checkpoint and the data source recorded in it, runs one
-evaluation pass over the val split, and for each chosen latent shows its
+Loads a run's SAE artifact (`sae/`; a run made before it: its checkpoint) and the
+data source recorded in it, runs one evaluation pass over the val split, and for each chosen latent shows its
 top-n, middle-n and bottom-n positively activating samples, ordered by
 activation high to low (the paper's Fig. 3). Data with images (digits)
 renders a PNG grid; otherwise the sample ids and labels are printed.
@@ -27,7 +27,9 @@ def add_parser(subparsers: Any) -> None:
         help="show top/middle/bottom activating samples of chosen latents",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("dir", type=Path, metavar="DIR", help="run directory (or a checkpoint dir)")
+    parser.add_argument(
+        "dir", type=Path, metavar="DIR", help="run directory, its sae/ or a checkpoint dir"
+    )
     parser.add_argument("--latents", type=int, nargs="+", default=None, help="latent indices")
     parser.add_argument(
         "--top-ranked",
@@ -83,49 +85,36 @@ def pick_groups(acts: np.ndarray, per: int) -> dict[str, np.ndarray]:
 def run(args: argparse.Namespace) -> int:
     from monoray.data import DataSource, load_features, load_source
     from monoray.plots import LatentPanel, Sample, plot_activation_grid
-    from monoray.sae import build_sae
-    from monoray.train.checkpoint import load_checkpoint
-    from monoray.train.config import TrainConfig
+    from monoray.train.artifact import open_run_sae
     from monoray.train.evaluate import evaluate
     from monoray.train.trainer import resolve_device
 
     if not args.dir.exists():
         raise InputError(f"{args.dir}: no such directory")
-    ckpt = load_checkpoint(args.dir, with_optimizer=False)
-    if ckpt is None:
-        raise InputError(
-            f"{args.dir}: no checkpoint found (run `monoray train --out {args.dir}` first)"
-        )
     if args.per_group < 1:
         raise InputError(f"--per-group must be >= 1, got {args.per_group}")
-    cfg = TrainConfig.from_dict(ckpt.config)
+    art = open_run_sae(args.dir)
+    sae_cfg = art.sae.cfg
     if args.features is not None:
-        splits = load_features(args.features, val_source=args.val_features, d_in=cfg.sae.d_in)
-    elif ckpt.data is not None:
-        splits = load_source(DataSource.from_dict(ckpt.data))
+        splits = load_features(args.features, val_source=args.val_features, d_in=sae_cfg.d_in)
+    elif art.data is not None:
+        splits = load_source(DataSource.from_dict(art.data))
     else:
-        raise InputError(f"{ckpt.path}/: checkpoint records no data source; pass --features")
+        raise InputError(f"{args.dir}: the SAE records no data source; pass --features")
     device = resolve_device(args.device)
-    sae = build_sae(cfg.sae)
-    sae.load_state_dict(ckpt.model_state)
-    sae.to(device).eval()
-    d_sae = cfg.sae.d_sae
+    sae = art.sae.to(device)
+    d_sae = sae_cfg.d_sae
+    normalize = art.normalisation.applied
 
-    scores = ckpt.eval_tensors.get("monoscore")
-    fired = ckpt.eval_tensors.get("fire_count")
-    if args.latents is None and (scores is None or fired is None or args.features is not None):
-        first = evaluate(
-            sae, splits.val, batch_size=cfg.eval_batch_size, device=device, normalize=cfg.normalize
-        )
-        scores, fired = first.monoscore, first.fire_count
     if args.latents is not None:
         latents = list(dict.fromkeys(args.latents))
         bad = [i for i in latents if not 0 <= i < d_sae]
         if bad:
             raise InputError(f"--latents: {bad[0]} is out of range (d_sae is {d_sae})")
     else:
-        ms = np.asarray(scores, dtype=np.float64)
-        fc = np.asarray(fired)
+        first = evaluate(sae, splits.val, device=device, normalize=normalize)
+        ms = np.asarray(first.monoscore, dtype=np.float64)
+        fc = np.asarray(first.fire_count)
         if args.top_ranked is not None:
             if args.top_ranked < 1:
                 raise InputError(f"--top-ranked must be >= 1, got {args.top_ranked}")
@@ -135,14 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if not latents:
             raise InputError(f"{args.dir}: no latent fires on the val split")
 
-    result = evaluate(
-        sae,
-        splits.val,
-        batch_size=cfg.eval_batch_size,
-        device=device,
-        normalize=cfg.normalize,
-        collect=latents,
-    )
+    result = evaluate(sae, splits.val, device=device, normalize=normalize, collect=latents)
     assert result.collected is not None
     rank_of = np.empty(d_sae, dtype=np.int64)
     rank_of[np.argsort(-result.monoscore, kind="stable")] = np.arange(1, d_sae + 1)
@@ -176,11 +158,11 @@ def run(args: argparse.Namespace) -> int:
     purity = f"purity_binary {m['purity_binary']:.4f}  " if val.labels is not None else ""
     print(
         f"val: r2 {m['r2']:.4f}  monoscore_mean {m['monoscore_mean']:.4f}  "
-        f"{purity}({len(val)} samples, epoch {ckpt.epoch})"
+        f"{purity}({len(val)} samples, epoch {art.epoch})"
     )
     if val.images is not None:
         out = args.out or (args.dir / "inspect.png")
-        title = f"{cfg.sae.arch}  λ={cfg.sae.mono_coef:g}  epoch {ckpt.epoch}  (val, positive activations)"
+        title = f"{sae_cfg.arch}  λ={sae_cfg.mono_coef:g}  epoch {art.epoch}  (val, positive activations)"
         plot_activation_grid(panels, out, title=title)
         print(f"wrote {out}")
     elif args.out is not None:
