@@ -1,4 +1,5 @@
-"""What a trial run shows a reviewer besides numbers: its dataset and its MonoScore profile.
+"""What a trial run shows a reviewer besides numbers: its dataset, its MonoScore profile and
+(front trials) its activating samples.
 
 All of it is made in the driver from what reaches it anyway: the splits it loaded (the
 dataset inputs) and the trial's checkpoint as Tune persisted it (the profile), never a
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -18,8 +20,14 @@ from mlflow.tracking import MlflowClient
 from monoray.data import FeatureSplit, FeatureSplits
 from monoray.runs.workers import PROFILE_JSON
 
+if TYPE_CHECKING:
+    from monoray.sae.io import SAEArtifact
+
 PROFILE_IMAGE = "monoscore_profile.png"
 """The val MonoScore profile at a trial run's artifact root."""
+ACTIVATIONS_IMAGE = "activations.png"
+ACTIVATIONS_TEXT = "activations.txt"
+"""A front trial's top / middle / bottom activating samples (`monoray inspect`)."""
 _DIGEST_ROWS = 4096
 """Rows of features hashed into a dataset's digest (all ids and the shape always are)."""
 
@@ -69,3 +77,17 @@ def log_profile(client: MlflowClient, run_id: str, checkpoint_dir: Path) -> None
     values = values[np.isfinite(values)]
     if values.size:
         client.log_figure(run_id, plot_monoscore_profile(values), PROFILE_IMAGE)
+
+
+def log_activations(client: MlflowClient, run_id: str, art: SAEArtifact, val: FeatureSplit) -> None:
+    """What `monoray inspect` shows of the run's SAE: top / middle / bottom activating val
+    samples of 5 latents spread over the MonoScore ranking, as an image where the data
+    has images, and always as text (sample ids, labels, activations)."""
+    from monoray.plots import plot_activation_grid
+    from monoray.train.inspect_cli import grid_title, latent_panels, panels_text
+
+    panels, _ = latent_panels(art, val, device="cpu", where=f"MLflow run {run_id}")
+    client.log_text(run_id, panels_text(panels) + "\n", ACTIVATIONS_TEXT)
+    if val.images is not None:
+        fig = plot_activation_grid(panels, title=grid_title(art))
+        client.log_figure(run_id, fig, ACTIVATIONS_IMAGE)
