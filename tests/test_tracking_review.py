@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from monoray.sweep.audit import audit_sweep
 from monoray.sweep.links import run_path
+from monoray.sweep.models import KNEE_ALIAS, MODEL_TAG, knee
 from monoray.sweep.pareto import FRONT_IMAGE, publish_pareto
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.runner import SweepOptions, run_sweep
@@ -35,7 +36,12 @@ from monoray.sweep.tracking import (
     MLFLOW_URL_ATTR,
     SweepRecords,
 )
-from monoray.sweep.views import PROFILE_IMAGE, split_digest
+from monoray.sweep.views import (
+    ACTIVATIONS_IMAGE,
+    ACTIVATIONS_TEXT,
+    PROFILE_IMAGE,
+    split_digest,
+)
 
 REPO = Path(__file__).parents[1]
 NAME = "review"
@@ -278,3 +284,91 @@ def test_audit_finds_a_parent_step_logged_twice(swept, tmp_path: Path) -> None:
     assert [str(p) for p in report.problems] == [
         f"duplicate: parent run: {HV_KEY} logged twice at steps [1]"
     ]
+
+
+def _tune_checkpoint(root: Path, number: int) -> Path:
+    """The newest checkpoint Tune persisted for Optuna trial `number`."""
+    for params in (ProjectPaths.resolve(root).ray_results / NAME).glob("*/params.json"):
+        if json.loads(params.read_text()).get("_optuna_trial") == number:
+            return max(params.parent.glob("checkpoint_*"))
+    raise AssertionError(f"no Tune checkpoint of trial {number}")
+
+
+def test_front_trials_show_their_activating_samples(swept, tmp_path: Path) -> None:
+    _, study, records = swept
+    client = records.client
+    for t in _front(study):
+        run_id = records.runs[t.number]
+        top = {a.path for a in client.list_artifacts(run_id)}
+        assert {ACTIVATIONS_IMAGE, ACTIVATIONS_TEXT} <= top
+        image = client.download_artifacts(run_id, ACTIVATIONS_IMAGE, str(tmp_path))
+        assert Path(image).read_bytes()[:8] == PNG_MAGIC
+        text = Path(client.download_artifacts(run_id, ACTIVATIONS_TEXT, str(tmp_path)))
+        lines = text.read_text().splitlines()
+        assert sum(line.startswith("latent ") for line in lines) == 5
+        assert {line.split()[0] for line in lines if line.startswith("  ")} == {
+            "top",
+            "middle",
+            "bottom",
+        }
+
+
+def test_front_models_load_and_encode_as_the_trained_sae(swept) -> None:
+    """`read_sae("models:/monoray-<sweep>@alias")` is the SAE the trial trained (Tune's
+    checkpoint), bit for bit; the registry holds logged models, not checkpoints."""
+    import torch
+
+    from monoray.data import load_features
+    from monoray.sae.io import read_sae
+    from monoray.train.artifact import sae_of_checkpoint
+    from monoray.train.checkpoint import load_checkpoint
+
+    root, study, records = swept
+    client = records.client
+    front = _front(study)
+    model = f"monoray-{NAME}"
+    versions = client.search_model_versions(f"name = '{model}'")
+    assert sorted(v.run_id for v in versions) == sorted(records.runs[t.number] for t in front)
+    by_run = {v.run_id: v for v in versions}
+    for t in front:
+        run = client.get_run(records.runs[t.number])
+        logged = client.get_logged_model(run.data.tags[MODEL_TAG])
+        assert logged.source_run_id == run.info.run_id
+        assert by_run[run.info.run_id].source == logged.artifact_location
+        assert "checkpoint" not in logged.artifact_location
+    aliases = client.get_registered_model(model).aliases
+    number_of = {v.version: int(v.tags["optuna_trial"]) for v in versions}
+    assert number_of[aliases["best-r2"]] == max(front, key=lambda t: t.values[0]).number
+    assert number_of[aliases["best-monoscore"]] == max(front, key=lambda t: t.values[1]).number
+    assert number_of[aliases[KNEE_ALIAS]] == knee(front, list(study.directions)).number
+
+    x = torch.from_numpy(load_features("digits").val.features[:256].copy())
+    tracking_uri = ProjectPaths.resolve(root).tracking_uri
+    for alias, version in aliases.items():
+        art = read_sae(f"models:/{model}@{alias}", tracking_uri=tracking_uri)
+        ckpt = load_checkpoint(_tune_checkpoint(root, number_of[version]), with_optimizer=False)
+        trained = sae_of_checkpoint(ckpt)
+        with torch.no_grad():
+            z = art.sae.encode(art.prepare(x))
+            assert torch.equal(z, trained.sae.encode(trained.prepare(x)))
+            assert torch.equal(art.sae.decode(z), trained.sae.decode(z))
+
+
+def test_knee_is_the_point_farthest_above_the_chord() -> None:
+    from optuna.study import StudyDirection
+    from optuna.trial import create_trial
+
+    up = [StudyDirection.MAXIMIZE] * 2
+    trials = [
+        create_trial(values=v, state=TrialState.COMPLETE)
+        for v in ([0.9, 0.1], [0.7, 0.6], [0.5, 0.7], [0.1, 0.9])
+    ]
+    for i, t in enumerate(trials):
+        t.number = i
+    # scaled to [0, 1]: sums 1.0, 1.375, 1.25, 1.0
+    assert knee(trials, up).number == 1
+    assert knee(trials[:1], up).number == 0
+    assert knee([trials[0], trials[3]], up).number == 0  # a tie: the lower number
+    assert knee([], up) is None
+    down = [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]
+    assert knee(trials, down).number == 0  # (0.9, 0.1) is best in both
