@@ -154,9 +154,13 @@ def download(uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # a bar on stderr per download otherwise
-    before = os.environ.get(quiet)
-    os.environ[quiet] = "false"
+    env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a bar on stderr per download
+    if tracking_uri is not None:
+        # MLflow resolves `models:/name@alias` through the global registry URI whatever
+        # `registry_uri` says; a project's registry lives in its tracking store.
+        env["MLFLOW_REGISTRY_URI"] = tracking_uri
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return Path(
             mlflow.artifacts.download_artifacts(
@@ -167,10 +171,11 @@ def download(uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{uri}: cannot download the SAE artifact ({first})") from None
     finally:
-        if before is None:
-            del os.environ[quiet]
-        else:
-            os.environ[quiet] = before
+        for key, value in before.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 def artifact_dir(root: Path, where: str) -> Path:
