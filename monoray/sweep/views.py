@@ -86,7 +86,13 @@ def log_activations(client: MlflowClient, run_id: str, art: SAEArtifact, val: Fe
     from monoray.plots import plot_activation_grid
     from monoray.train.inspect_cli import grid_title, latent_panels, panels_text
 
-    panels, _ = latent_panels(art, val, device="cpu", where=f"MLflow run {run_id}")
+    from monoray.errors import InputError
+
+    try:
+        panels, _ = latent_panels(art, val, device="cpu", where="this SAE")
+    except InputError as err:  # e.g. no latent fires: say so where the samples would be
+        client.log_text(run_id, f"{err}\n", ACTIVATIONS_TEXT)
+        return
     client.log_text(run_id, panels_text(panels) + "\n", ACTIVATIONS_TEXT)
     if val.images is not None:
         fig = plot_activation_grid(panels, title=grid_title(art))
