@@ -83,10 +83,9 @@ def log_activations(client: MlflowClient, run_id: str, art: SAEArtifact, val: Fe
     """What `monoray inspect` shows of the run's SAE: top / middle / bottom activating val
     samples of 5 latents spread over the MonoScore ranking, as an image where the data
     has images, and always as text (sample ids, labels, activations)."""
+    from monoray.errors import InputError
     from monoray.plots import plot_activation_grid
     from monoray.train.inspect_cli import grid_title, latent_panels, panels_text
-
-    from monoray.errors import InputError
 
     try:
         panels, _ = latent_panels(art, val, device="cpu", where="this SAE")
