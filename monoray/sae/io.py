@@ -14,11 +14,13 @@ safetensors only; a missing, damaged or foreign file is one `InputError` line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,23 +156,34 @@ def download(uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # a bar on stderr per download otherwise
-    before = os.environ.get(quiet)
-    os.environ[quiet] = "false"
+    # MLflow resolves models:/ through the registry URI of its environment alone, and draws
+    # a progress bar on stderr per download.
+    env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if tracking_uri is not None:
+        env["MLFLOW_REGISTRY_URI"] = tracking_uri
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
+        with _environ(env):
+            local = mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri
             )
-        )
     except (MlflowException, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{uri}: cannot download the SAE artifact ({first})") from None
+    return Path(local)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
-        if before is None:
-            del os.environ[quiet]
-        else:
-            os.environ[quiet] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def artifact_dir(root: Path, where: str) -> Path:
