@@ -156,11 +156,11 @@ def download(uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    # MLflow resolves models:/ through the registry URI of its environment alone, and draws
-    # a progress bar on stderr per download.
+    # MLflow resolves models:/ through the registry and tracking URIs of its environment
+    # (`tracking_uri` alone leaves a stray ./mlflow.db), and draws a bar on stderr.
     env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     if tracking_uri is not None:
-        env["MLFLOW_REGISTRY_URI"] = tracking_uri
+        env |= {"MLFLOW_REGISTRY_URI": tracking_uri, "MLFLOW_TRACKING_URI": tracking_uri}
     try:
         with _environ(env):
             local = mlflow.artifacts.download_artifacts(
