@@ -17,10 +17,10 @@ import torch
 
 from monoray.cli import main
 from monoray.data import load_features
+from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
 from monoray.sae import ARCH_NAMES, build_sae
 from monoray.sae.io import CFG_FILE, read_sae
 from monoray.train.artifact import SAE_DIR
-from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 from monoray.train.config import TrainConfig
 
 QUICK = ["--features", "digits", "--d-sae", "48", "--k", "4", "--batch-size", "128"]

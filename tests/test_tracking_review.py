@@ -319,9 +319,9 @@ def test_front_models_load_and_encode_as_the_trained_sae(swept) -> None:
     import torch
 
     from monoray.data import load_features
+    from monoray.runs.checkpoint import load_checkpoint
     from monoray.sae.io import read_sae
     from monoray.train.artifact import sae_of_checkpoint
-    from monoray.train.checkpoint import load_checkpoint
 
     root, study, records = swept
     client = records.client
