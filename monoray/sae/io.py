@@ -31,8 +31,7 @@ from torch import Tensor
 
 from monoray.data.store import atomic_write_bytes, sha256_file
 from monoray.errors import InputError
-from monoray.sae import SparseAutoencoder, build_sae
-from monoray.sae.config import config_from_dict, config_to_dict
+from monoray.sae import SparseAutoencoder, build_sae, config_from_dict, config_to_dict
 from monoray.sae.inputs import NORMALIZE, normalize_inputs
 
 ARTIFACT_FORMAT = "monoray-sae"
