@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 
 from monoray.cli import main
 from monoray.data import load_features
-from monoray.sae import ARCH_NAMES, build_sae
+from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
+from monoray.sae import ARCH_NAMES, build_sae, drop_unused
 from monoray.sae.export import FORMATS
 from monoray.sae.io import CFG_FILE, read_sae
 from monoray.train.artifact import SAE_DIR
-from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 from monoray.train.config import TrainConfig
 
 QUICK = ["--features", "digits", "--d-sae", "48", "--k", "4", "--batch-size", "128"]
@@ -48,7 +48,7 @@ def assert_artifact_is_final_checkpoint(run: Path) -> None:
     ckpt = load_checkpoint(run / CHECKPOINTS, with_optimizer=False)
     assert ckpt is not None
     art = read_sae(run / SAE_DIR)
-    cfg = TrainConfig.from_dict(ckpt.config)
+    cfg = TrainConfig.from_dict(drop_unused(ckpt.config))
     assert art.sae.cfg == cfg.sae and art.epoch == ckpt.epoch
     assert art.normalisation.applied == cfg.normalize and art.data == ckpt.data
     state = art.sae.state_dict()

@@ -14,8 +14,7 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from monoray.sweep.moasha import STOPPED_KEY
-from monoray.sweep.search import TRIAL_KEY, failure_reason
+from monoray.sweep.search import STOPPED_KEY, TRIAL_KEY, failure_reason
 
 
 class SweepProgress(Callback):

@@ -85,9 +85,9 @@ def pick_groups(acts: np.ndarray, per: int) -> dict[str, np.ndarray]:
 def run(args: argparse.Namespace) -> int:
     from monoray.data import DataSource, load_features, load_source
     from monoray.plots import LatentPanel, Sample, plot_activation_grid
+    from monoray.runs.device import resolve_device
     from monoray.train.artifact import open_run_sae
     from monoray.train.evaluate import evaluate
-    from monoray.train.trainer import resolve_device
 
     if not args.dir.exists():
         raise InputError(f"{args.dir}: no such directory")
