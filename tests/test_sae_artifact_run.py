@@ -25,14 +25,19 @@ from hypothesis import strategies as st
 from monoray.cli import main
 from monoray.data import load_features
 from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
-from monoray.sae import ARCH_NAMES, build_sae, drop_unused
+from monoray.sae import ARCH_NAMES, TOPK_FAMILY, build_sae, drop_unused
 from monoray.sae.export import FORMATS
 from monoray.sae.io import CFG_FILE, read_sae
 from monoray.train.artifact import SAE_DIR
 from monoray.train.config import TrainConfig
 
-QUICK = ["--features", "digits", "--d-sae", "48", "--k", "4", "--batch-size", "128"]
+QUICK = ["--features", "digits", "--d-sae", "48", "--batch-size", "128"]
 QUICK += ["--lr", "3e-3", "--device", "cpu", "--no-progress"]
+
+
+def train_argv(arch: str) -> list[str]:
+    """A quick `monoray train` of `arch` on digits (k only where the architecture reads it)."""
+    return ["train", "--arch", arch, *QUICK, *(["--k", "4"] if arch in TOPK_FAMILY else [])]
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +68,7 @@ def val_inputs(n: int = 200) -> torch.Tensor:
 
 def test_train_writes_the_artifact_and_resume_keeps_it(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--arch", "batchtopk", *QUICK, "--out", str(out)]
+    argv = [*train_argv("batchtopk"), "--out", str(out)]
     assert main([*argv, "--epochs", "1"]) == 0
     assert_artifact_is_final_checkpoint(out)
     record = json.loads((out / SAE_DIR / CFG_FILE).read_text())
@@ -83,7 +88,7 @@ def test_train_writes_the_artifact_and_resume_keeps_it(tmp_path, capsys):
 
 def test_inspect_reads_the_artifact_and_falls_back_to_the_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--arch", "topk", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
+    assert main([*train_argv("topk"), "--epochs", "1", "--out", str(out)]) == 0
     capsys.readouterr()
     only_artifact, only_checkpoint = tmp_path / "artifact-only", tmp_path / "before-artifacts"
     shutil.copytree(out, only_artifact, ignore=shutil.ignore_patterns(CHECKPOINTS))
@@ -118,7 +123,7 @@ def numpy_encode_decode(arrays: dict[str, np.ndarray], spec: dict, x: np.ndarray
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_npz_export_encodes_and_decodes_as_the_sae(tmp_path, capsys, arch):
     out = tmp_path / "run"
-    argv = ["train", "--arch", arch, *QUICK, "--epochs", "1", "--out", str(out)]
+    argv = [*train_argv(arch), "--epochs", "1", "--out", str(out)]
     assert main(argv) == 0
     assert main(["export", str(out), "--format", "npz", "--out", str(tmp_path / "npz")]) == 0
     printed = capsys.readouterr().out
@@ -142,7 +147,7 @@ def test_read_and_export_from_an_mlflow_uri(tmp_path, capsys, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)
     out = tmp_path / "run"
-    assert main(["train", "--arch", "jumprelu", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
+    assert main([*train_argv("jumprelu"), "--epochs", "1", "--out", str(out)]) == 0
     capsys.readouterr()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)

@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import sae_lens
 import torch
+from test_sae_artifact_run import train_argv
 
 from monoray.cli import main
 from monoray.data import load_features
 from monoray.sae import ARCH_NAMES
 from monoray.sae.export import SAELENS_ARCH
 from monoray.train.artifact import SAE_DIR, open_run_sae
-
-TRAIN = ["train", "--features", "digits", "--d-sae", "48", "--k", "4", "--batch-size", "128"]
-TRAIN += ["--lr", "3e-3", "--device", "cpu", "--no-progress", "--epochs", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +31,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_saelens_loads_the_export_and_matches(tmp_path, capsys, arch):
     run, lens = tmp_path / "run", tmp_path / "lens"
-    assert main([*TRAIN, "--arch", arch, "--out", str(run)]) == 0
+    assert main([*train_argv(arch), "--epochs", "2", "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(["export", str(run), "--format", "saelens", "--out", str(lens)]) == 0
     printed = capsys.readouterr().out.splitlines()
