@@ -63,7 +63,7 @@ def drop_unused(flat: dict[str, Any]) -> dict[str, Any]:
     checkpoints loadable and resumable, with the same training.
     """
     arch = flat.get("arch")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:  # JSON may hold any value
         return dict(flat)
     unused = set(field_defaults(SAEConfig)) - used_keys(arch)
     return {k: v for k, v in flat.items() if k not in unused}

@@ -21,6 +21,7 @@ import optuna
 import ray
 from ray import tune
 
+from monoray.data import FeatureSplits
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
 from monoray.sweep.moasha import build_scheduler
@@ -39,6 +40,7 @@ from monoray.sweep.search import (
 )
 from monoray.sweep.space import SweepSpace
 from monoray.sweep.tracking import MlflowTracker, artifact_root_for
+from monoray.sweep.views import dataset_inputs
 
 DRY_RUN_SAMPLES = 256
 
@@ -153,6 +155,9 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         space=space.to_dict(),
         metrics=space.metric_names,
         artifact_root=artifact_root_for(tracking_uri, paths.artifacts),
+        storage_url=storage_url,
+        # An SAE kind's pre-flight hands over the loaded splits: they are every run's input.
+        datasets=dataset_inputs(prepared) if isinstance(prepared, FeatureSplits) else None,
     )
     progress = SweepProgress(space.budget.num_samples, space.metric_names, enabled=opts.progress)
     # Train runs (trials on Ray Train workers) persist next to the Tune trials.

@@ -17,10 +17,8 @@ from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
 from monoray.runs.device import check_device
 from monoray.sae import SAEConfig, config_from_dict, config_to_dict
+from monoray.sae.inputs import NORMALIZE
 from monoray.train.schedule import check_schedule
-
-NORMALIZE = ("unit", "none")
-"""Input normalisations: "unit" scales each sample to unit L2 norm (the paper's setting)."""
 
 DERIVED_KEYS = ("expansion",)
 """Flat keys that are not fields but set one: `expansion` sets `d_sae = expansion * d_in`."""

@@ -30,6 +30,7 @@ from monoray.runs.outcome import DivergedError, write_outputs
 from monoray.runs.seeding import epoch_seed
 from monoray.sae import SparseAutoencoder, build_sae, drop_unused
 from monoray.sae.collective import Collective
+from monoray.train.artifact import write_run_sae
 from monoray.train.config import TrainConfig
 from monoray.train.distributed import check_shards
 from monoray.train.evaluate import (
@@ -167,6 +168,7 @@ class Run:
         )
         self.where = splits.source.features if splits.source is not None else "features"
         self.data_record = splits.source.to_dict() if splits.source is not None else None
+        self.header = splits.header
         self.zero_rows = splits.zero_rows or count_zero_rows(splits.train, splits.val)
         self.start, self.step = 0, 0
         self.history: list[dict[str, float]] = []
@@ -257,6 +259,14 @@ class Run:
         if last_eval is None and ckpt is not None and "monoscore" in ckpt.eval_tensors:
             last_eval = EvalResult.from_tensors(final, ckpt.eval_tensors)
         write_outputs(self.out_dir, final, None if last_eval is None else last_eval.monoscore)
+        write_run_sae(
+            self.out_dir,
+            self.sae,
+            self.cfg,
+            self.header,
+            epoch=int(final["epoch"]),
+            data=self.data_record,
+        )
         return final
 
 
@@ -353,8 +363,8 @@ def train_sae(
     """Train an SAE on `splits.train`, evaluating `splits.val` after every epoch.
 
     Writes `out_dir/checkpoints/epoch-NNNN/` every epoch (the last
-    `keep_checkpoints` are kept), and at the end `out_dir/metrics.json` and
-    `out_dir/monoscore_profile.png`. `resume=True` continues from the newest
+    `keep_checkpoints` are kept), and at the end `out_dir/metrics.json`,
+    `out_dir/monoscore_profile.png` and the SAE artifact `out_dir/sae/`. `resume=True` continues from the newest
     intact checkpoint in `out_dir` (a fresh start when there is none);
     `resume_from` names a checkpoint directory to continue from instead (e.g.
     one Ray Tune restored). `progress`: None shows a bar only when stderr is a
