@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     import optuna
 
     from monoray.errors import InputError
+    from monoray.sweep.links import sweep_links, ui_base
     from monoray.sweep.pareto import publish_pareto
     from monoray.sweep.paths import ProjectPaths
     from monoray.sweep.search import storage_for
@@ -44,4 +45,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"Pareto front of {args.sweep} ({' vs '.join(report.metrics)}):")
     print(report.table())
     print(f"table: {report.csv_path}\nplot: {report.html_path}")
+    base = ui_base(args.tracking_uri or paths.tracking_uri)
+    print("\n".join(sweep_links(base, records.experiment_id, records.parent_run_id).lines()))
     return 0

@@ -24,6 +24,7 @@ from ray import tune
 from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
+from monoray.runs.verbosity import tune_verbose
 from monoray.sweep.moasha import build_scheduler
 from monoray.sweep.pareto import ParetoReport, publish_pareto
 from monoray.sweep.paths import ProjectPaths
@@ -196,7 +197,13 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         metrics=space.metric_names,
         artifact_root=artifact_root_for(tracking_uri, paths.artifacts),
     )
-    progress = SweepProgress(space.budget.num_samples, space.metric_names, enabled=opts.progress)
+    progress = SweepProgress(
+        space.budget.num_samples,
+        space.metric_names,
+        space.modes,
+        space.constraints,
+        enabled=opts.progress,
+    )
     if splits is None:  # kind: finetune; Train runs persist next to the Tune trials
         trainable = finetune_trainable(space, storage=exp_dir / "train-runs")
     elif space.resources.workers >= 2:  # Train workers open the data themselves
@@ -236,7 +243,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
                 callbacks=[*stop_callbacks, tracker, progress],
                 failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=0,
+                verbose=tune_verbose(),
             ),
         )
     fit_start = time.perf_counter()

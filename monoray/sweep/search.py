@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
+from monoray.runs.verbosity import optuna_level
 from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.space import Param, SweepSpace, grid_points
 
@@ -83,6 +84,8 @@ def storage_for(url: str) -> optuna.storages.RDBStorage:
 
     from monoray.errors import InputError
 
+    # Every study monoray opens comes through here; optuna resets its level when imported.
+    optuna.logging.set_verbosity(optuna_level())
     scheme = url.partition(":")[0].partition("+")[0]
     if scheme not in STORAGE_SCHEMES:
         raise InputError(

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
+from monoray.sweep.links import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SERVER_SCHEMES
 from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
 
@@ -37,8 +38,6 @@ _NOT_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "times
 _MAX_PARAM = 6000
 
 
-SERVER_SCHEMES = ("http", "https")
-"""Tracking URIs of an MLflow server, which stores artifacts itself."""
 DATABASE_SCHEMES = ("sqlite", "postgresql")
 
 
@@ -107,9 +106,12 @@ def open_experiment(client: MlflowClient, sweep: str, artifact_root: Path | None
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older monoray
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = (artifact_root / sweep).as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location, tags={SWEEP_TAG: sweep})
+    tags = {SWEEP_TAG: sweep, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    return client.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def find_parent(client: MlflowClient, experiment_id: str) -> str | None:
@@ -142,6 +144,15 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             out[key] = float(value)
     return out
+
+
+def error_line(trial: Any) -> str:
+    """Why a Tune trial errored: the last line of its error file (the exception)."""
+    message = "trial raised an error"
+    if trial.error_file and Path(trial.error_file).is_file():
+        lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+        message = lines[-1][:500] if lines else message
+    return message
 
 
 class MlflowTracker(Callback):
@@ -264,12 +275,7 @@ class MlflowTracker(Callback):
             self.fail(run_id, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_for(trial)
-        message = "trial raised an error"
-        if trial.error_file and Path(trial.error_file).is_file():
-            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-            message = lines[-1][:500] if lines else message
-        self.fail(run_id, message)
+        self.fail(self.run_for(trial), error_line(trial))
 
     def fail(self, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, ERROR_TAG, reason[:5000])
