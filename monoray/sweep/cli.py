@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
         file=out,
     )
     if result.pareto is not None:
-        metrics = " vs ".join(result.pareto.metrics)
-        print(f"Pareto front ({metrics}; every column: {result.pareto.csv_path}):", file=out)
+        print(f"Pareto front ({' vs '.join(result.pareto.metrics)}):", file=out)
         print(result.pareto.table(), file=out)
+        print(f"all columns: {result.pareto.csv_path}", file=out)
     if args.dry_run:
         print("dry run passed: the space, data and resources work on this machine", file=out)
     else:

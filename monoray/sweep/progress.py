@@ -161,17 +161,20 @@ class SweepProgress(Callback):
             self._finished_at_start = self._counts.finished
         self._front = {n: points[n] for n in nondominated(points, self.modes)}
 
-    def status(self) -> str:
+    def counts_status(self) -> str:
+        c = self._counts
+        return f"{c.done} done, {c.failed} failed, {c.pruned} pruned, {c.running} running"
+
+    def time_status(self) -> str:
         c = self._counts
         elapsed = time.monotonic() - self._start
-        text = f"{c.done} done, {c.failed} failed, {c.pruned} pruned, {c.running} running"
         finished_here = c.finished - (self._finished_at_start or 0)
         eta = "--"
-        if finished_here > 0 and c.finished < c.total:
-            eta = _clock(elapsed / finished_here * (c.total - c.finished))
-        elif c.finished >= c.total:
+        if c.finished >= c.total:
             eta = "0:00"
-        return f"{text} | {_clock(elapsed)} elapsed, ETA {eta}"
+        elif finished_here > 0:
+            eta = _clock(elapsed / finished_here * (c.total - c.finished))
+        return f"{_clock(elapsed)} elapsed, ETA {eta}"
 
     def front_status(self) -> str:
         if not self._front:
@@ -180,8 +183,8 @@ class SweepProgress(Callback):
         for i, (m, mode) in enumerate(zip(self.metrics, self.modes, strict=True)):
             pick = max if mode == "max" else min
             number = pick(self._front, key=lambda n, i=i: self._front[n][i])
-            best.append(f"{m} {self._front[number][i]:.4f} (trial {number})")
-        return f"front: {len(self._front)} trials | best " + ", best ".join(best)
+            best.append(f"{m} {self._front[number][i]:.4f} (#{number})")
+        return f"front: {len(self._front)} trials, best " + ", ".join(best)
 
     def _renderable(self) -> Group:
         c = self._counts
@@ -190,9 +193,9 @@ class SweepProgress(Callback):
             Text("sweep", style="bold"),
             ProgressBar(total=max(c.total, 1), completed=c.finished, width=30),
             Text(f"{c.finished}/{c.total}"),
-            Text(self.status()),
+            Text(self.time_status()),
         )
-        return Group(row, Text(self.front_status()))
+        return Group(row, Text(self.counts_status()), Text(self.front_status()))
 
     def _say(self, line: str) -> None:
         if self._live is not None:
@@ -204,7 +207,8 @@ class SweepProgress(Callback):
         now = time.monotonic()
         if self._live is None and (force or now - self._last_plain >= PLAIN_EVERY_S):
             c = self._counts
-            self._say(f"sweep {c.finished}/{c.total}: {self.status()} | {self.front_status()}")
+            parts = [self.counts_status(), self.time_status(), self.front_status()]
+            self._say(f"sweep {c.finished}/{c.total}: " + " | ".join(parts))
             self._last_plain = now
 
     # -- Tune callback hooks -----------------------------------------------------------
