@@ -163,9 +163,11 @@ class SweepProgress(Callback):
 
     def counts_status(self) -> str:
         c = self._counts
-        return f"{c.done} done, {c.failed} failed, {c.pruned} pruned, {c.running} running"
+        pruned = f", {c.pruned} pruned" if c.pruned else ""  # only MO-ASHA stops trials
+        return f"{c.done} done, {c.failed} failed{pruned}, {c.running} running"
 
-    def time_status(self) -> str:
+    def time_status(self) -> tuple[str, str]:
+        """(elapsed, ETA at this session's rate so far)."""
         c = self._counts
         elapsed = time.monotonic() - self._start
         finished_here = c.finished - (self._finished_at_start or 0)
@@ -174,7 +176,7 @@ class SweepProgress(Callback):
             eta = "0:00"
         elif finished_here > 0:
             eta = _clock(elapsed / finished_here * (c.total - c.finished))
-        return f"{_clock(elapsed)} elapsed, ETA {eta}"
+        return _clock(elapsed), eta
 
     def front_status(self) -> str:
         if not self._front:
@@ -184,7 +186,7 @@ class SweepProgress(Callback):
             pick = max if mode == "max" else min
             number = pick(self._front, key=lambda n, i=i: self._front[n][i])
             best.append(f"{m} {self._front[number][i]:.4f} (#{number})")
-        return f"front: {len(self._front)} trials, best " + ", ".join(best)
+        return f"front {len(self._front)}: best " + ", ".join(best)
 
     def _renderable(self) -> Group:
         c = self._counts
@@ -193,7 +195,7 @@ class SweepProgress(Callback):
             Text("sweep", style="bold"),
             ProgressBar(total=max(c.total, 1), completed=c.finished, width=30),
             Text(f"{c.finished}/{c.total}"),
-            Text(self.time_status()),
+            Text("{} elapsed, ETA {}".format(*self.time_status())),
         )
         return Group(row, Text(self.counts_status()), Text(self.front_status()))
 
@@ -207,7 +209,8 @@ class SweepProgress(Callback):
         now = time.monotonic()
         if self._live is None and (force or now - self._last_plain >= PLAIN_EVERY_S):
             c = self._counts
-            parts = [self.counts_status(), self.time_status(), self.front_status()]
+            parts = [self.counts_status(), "{}, ETA {}".format(*self.time_status())]
+            parts.append(self.front_status())
             self._say(f"sweep {c.finished}/{c.total}: " + " | ".join(parts))
             self._last_plain = now
 
