@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -31,8 +30,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine
 
-REFERENCE = (0.0, 0.0)
-"""Hypervolume reference point: (r2, monoscore_mean), both maximised."""
+from monoray.sweep.summary import HV_REFERENCE as REFERENCE
+from monoray.sweep.summary import hypervolume_2d
+
 SPACE = {
     "kind": "sae",
     "data": {"features": "digits"},
@@ -48,17 +48,6 @@ SPACE = {
     "baseline": False,
 }
 GRACE, ETA = 2, 3
-
-
-def hypervolume_2d(points: Sequence[tuple[float, float]], ref: tuple[float, float]) -> float:
-    """Area dominated by `points` (both objectives maximised) above the corner `ref`."""
-    inside = sorted(((x, y) for x, y in points if x > ref[0] and y > ref[1]), reverse=True)
-    area, top = 0.0, ref[1]
-    for x, y in inside:  # by x descending: each point adds the strip above the best y so far
-        if y > top:
-            area += (x - ref[0]) * (y - top)
-            top = y
-    return area
 
 
 def run_one(

@@ -21,6 +21,8 @@ COMMANDS = {
     "pareto": "monoray.sweep.pareto_cli",
     "audit": "monoray.sweep.audit_cli",
     "ui": "monoray.sweep.ui_cli",
+    "dashboard": "monoray.sweep.dashboard_cli",
+    "export": "monoray.sweep.export_cli",
     "extract": "monoray.extract.cli",
     "finetune": "monoray.finetune.cli",
 }

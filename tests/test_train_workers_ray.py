@@ -1,5 +1,5 @@
 """SAE runs on Ray Train workers end to end: `monoray train --workers 2` (gloo) writes the
-in-process run directory and resumes at W = 1 with the single-process result; a sweep with
+in-process run directory (its `sae/` too) and resumes at W = 1 with the single-process result; a sweep with
 `resources.workers: 2` records like a 1-worker sweep; a SIGKILLed worker resumes from the
 last epoch checkpoint with the uninterrupted result; bad worker settings are one line,
 exit 2, before anything starts."""
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sae_artifact_run import assert_artifact_is_final_checkpoint
 from test_sweep_integration import assert_consistent, small_space
 
 from monoray.cli import main
@@ -36,6 +37,7 @@ def test_two_workers_write_the_run_dir_and_resume_at_one_worker_and_back(
     assert main([*TRAIN, "--epochs", "1", "--workers", "2", "--out", str(dist)]) == 0
     assert (dist / "metrics.json").is_file() and (dist / "monoscore_profile.png").is_file()
     assert (dist / CHECKPOINTS / "epoch-0001" / "model.safetensors").is_file()
+    assert_artifact_is_final_checkpoint(dist)  # rank 0 wrote sae/
     assert main([*TRAIN, "--epochs", "2", "--resume", "--out", str(dist)]) == 0  # W = 1 now
     two = ["--epochs", "3", "--resume", "--workers", "2", "--out", str(dist)]
     assert main([*TRAIN, *two]) == 0  # W = 2 again: from the W = 1 epoch, not Train's older one
@@ -43,6 +45,7 @@ def test_two_workers_write_the_run_dir_and_resume_at_one_worker_and_back(
     got, want = load_checkpoint(dist / CHECKPOINTS), load_checkpoint(local / CHECKPOINTS)
     assert got is not None and want is not None and got.epoch == want.epoch == 3
     assert [h["epoch"] for h in got.history] == [1.0, 2.0, 3.0]
+    assert_artifact_is_final_checkpoint(dist)
     for key, ref in want.model_state.items():
         assert float((got.model_state[key] - ref).abs().max()) <= PARAM_ATOL, key
     have = json.loads((dist / "metrics.json").read_text())

@@ -14,7 +14,8 @@ every disagreement:
   `monoray.stopped`) for PRUNED and FAILED for FAIL; the parent FINISHED; no
   run left RUNNING;
 - per run, the `epoch` and objective metrics have one value per step (no
-  duplicates after retries or `--resume`) and no missing step; a COMPLETE
+  duplicates after retries or `--resume`) and no missing step; the parent's summary
+  metrics (hypervolume series, counts) one value per step; a COMPLETE
   trial's last logged objectives equal the study's values;
 - a COMPLETE (or PRUNED) trial's MLflow checkpoint and its newest Tune
   checkpoint both verify against their sha256, hold its last logged epoch (the
@@ -146,6 +147,7 @@ def audit_sweep(
         trials = study.get_trials(deepcopy=False)
         _audit_study(report, trials)
         runs = _audit_runs(report, client, experiment.experiment_id, parent, trials)
+        _audit_parent_metrics(report, client, parent)
         final_epochs = {
             t.number: _audit_metrics(report, client, runs[t.number], t, objectives)
             for t in trials
@@ -235,6 +237,16 @@ def _audit_runs(
         elif t.state == TrialState.PRUNED and STOPPED_TAG not in run.data.tags:
             report.add("mismatch", f"trial {t.number} is PRUNED but its run has no {STOPPED_TAG}")
     return runs
+
+
+def _audit_parent_metrics(report: AuditReport, client: MlflowClient, parent: str) -> None:
+    """The summary series (`monoray.sweep.summary`) hold each step once."""
+    for key in client.get_run(parent).data.metrics:
+        history = client.get_metric_history(parent, key)
+        report.n_metric_steps += len(history)
+        twice = sorted(s for s, c in Counter(m.step for m in history).items() if c > 1)
+        if twice:
+            report.add("duplicate", f"parent run: {key} logged twice at steps {twice}")
 
 
 def _audit_metrics(

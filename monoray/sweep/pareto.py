@@ -4,9 +4,11 @@ Optuna decides which trials are non-dominated (`Study.best_trials`, feasible
 ones only when the space has constraints); MLflow holds what a reviewer looks
 at: `pareto/pareto.csv` (the front, plus the λ = 0 baseline when it is not on
 it, each front trial's gain over its baseline as `delta_<objective>`), the
-front as plotly HTML and PNG (the baseline marked), the MonoScore
-profiles of the front, a `monoray.pareto` tag on each front trial, and each
-front SAE registered in the Model Registry as a version of `monoray-<sweep>`.
+front as plotly HTML and PNG (the baseline marked; the PNG also at the artifact root), the
+MonoScore profiles of the front, a `monoray.pareto` tag on each front trial, the parent's
+summary (`monoray.sweep.summary`) and, in SAE sweeps, each front trial's activating samples
+and its SAE as a logged model, registered as a version of `monoray-<sweep>` with the aliases
+of `monoray.sweep.models`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from monoray.runs.workers import PROFILE_JSON
+from monoray.sweep.models import log_sae_model, register_front
 from monoray.sweep.search import BASELINE_ATTR
+from monoray.sweep.summary import publish_summary
 from monoray.sweep.tracking import PARETO_TAG, SweepRecords
+from monoray.sweep.views import log_activations
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+FRONT_IMAGE = "pareto_front.png"
+"""The front's plot at the parent run's artifact root: one click in the UI."""
 
 
 TERMINAL_WIDTH = 120
@@ -178,6 +185,7 @@ def publish_pareto(
         mpl = pareto_png(study, metrics, best)
         mpl.savefig(png_path, dpi=120)
         client.log_figure(records.parent_run_id, mpl, "pareto/pareto_front.png")
+        client.log_figure(records.parent_run_id, mpl, FRONT_IMAGE)
         plt.close(mpl)
 
     for t in study.trials:
@@ -192,9 +200,56 @@ def publish_pareto(
         client.log_figure(records.parent_run_id, fig, "pareto/monoscore_profiles.png")
         plt.close(fig)
 
+    publish_summary(
+        study,
+        client,
+        experiment_id=records.experiment_id,
+        parent_run_id=records.parent_run_id,
+        metrics=metrics,
+        rows=rows,
+        best=best,
+        bases=baselines(study),
+    )
     model_name = f"monoray-{sweep}"
-    register_front(client, model_name, best, records.runs)
+    if sweep_kind(client, records.parent_run_id) == "sae":
+        models = publish_front_saes(client, records, best)
+        register_front(client, model_name, study, metrics, best, records.runs, models)
     return ParetoReport(metrics, rows, csv_path, html_path, png_path, model_name)
+
+
+def sweep_kind(client: MlflowClient, parent_run_id: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        space = client.download_artifacts(parent_run_id, "space.json", tmp)
+        return str(json.loads(Path(space).read_text())["kind"])
+
+
+def publish_front_saes(
+    client: MlflowClient, records: SweepRecords, best: list[optuna.trial.FrozenTrial]
+) -> dict[int, str]:
+    """Each front trial's SAE (from the checkpoint in its run) as a logged model, with its
+    activating samples; returns trial number -> model id."""
+    from monoray.data import DataSource, load_source
+    from monoray.train.artifact import sae_of_checkpoint
+    from monoray.train.checkpoint import load_checkpoint
+
+    data: dict[str, Any] = {}
+    models = {}
+    for t in best:
+        run_id = records.runs.get(t.number)
+        if run_id is None or not client.list_artifacts(run_id, "checkpoint"):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "checkpoint", tmp)
+            ckpt = load_checkpoint(Path(path), with_optimizer=False)
+        if ckpt is None or ckpt.data is None:
+            continue
+        key = json.dumps(ckpt.data, sort_keys=True)
+        if key not in data:
+            data[key] = load_source(DataSource.from_dict(ckpt.data))
+        art = sae_of_checkpoint(ckpt, data[key].header)
+        models[t.number] = log_sae_model(client, records.experiment_id, run_id, art)
+        log_activations(client, run_id, art, data[key].val)
+    return models
 
 
 def pareto_png(
@@ -273,29 +328,3 @@ def profile_plot(profiles: dict[int, list[float]]) -> plt.Figure:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def register_front(
-    client: MlflowClient, name: str, best: list[optuna.trial.FrozenTrial], runs: dict[int, str]
-) -> None:
-    """One model version per front trial, pointing at its checkpoint artifacts."""
-    try:
-        client.create_registered_model(name, description="Pareto-optimal SAEs of a monoray sweep")
-    except MlflowException as err:
-        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
-            raise
-    existing = {v.run_id for v in client.search_model_versions(f"name = '{name}'")}
-    for t in best:
-        run_id = runs.get(t.number)
-        if run_id is None or run_id in existing:
-            continue
-        run = client.get_run(run_id)
-        if not client.list_artifacts(run_id, "checkpoint"):
-            continue
-        client.create_model_version(
-            name,
-            source=f"{run.info.artifact_uri}/checkpoint",
-            run_id=run_id,
-            tags={"optuna_trial": str(t.number), "format": "safetensors+json"},
-            description=", ".join(f"{k}={v}" for k, v in sorted(t.params.items())),
-        )

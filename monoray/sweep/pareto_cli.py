@@ -15,31 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
-
-    from monoray.errors import InputError
     from monoray.sweep.links import sweep_links, ui_base
     from monoray.sweep.pareto import publish_pareto
     from monoray.sweep.paths import ProjectPaths
-    from monoray.sweep.search import storage_for
+    from monoray.sweep.search import load_sweep_study
     from monoray.sweep.tracking import SweepRecords
 
     paths = ProjectPaths.resolve(args.root)
-    storage_url = args.storage or paths.optuna_url
-    if (
-        storage_url.startswith("sqlite:///")
-        and not (paths.root / "optuna.db").exists()
-        and not args.storage
-    ):
-        raise InputError(f"no sweeps in {paths.root} (no optuna.db); pass --root or --storage")
-    storage = storage_for(storage_url)
-    try:
-        study = optuna.load_study(study_name=args.sweep, storage=storage)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
-        raise InputError(
-            f"no sweep named {args.sweep!r} in {storage_url} (have: {', '.join(names) or 'none'})"
-        ) from None
+    study = load_sweep_study(args.sweep, args.storage or paths.optuna_url)
     records = SweepRecords.load(args.tracking_uri or paths.tracking_uri, args.sweep)
     report = publish_pareto(study, records, out_dir=paths.sweep_dir(args.sweep), sweep=args.sweep)
     print(f"Pareto front of {args.sweep} ({' vs '.join(report.metrics)}):")

@@ -40,6 +40,7 @@ from monoray.sweep.search import (
 from monoray.sweep.space import Data, SweepSpace, check_extreme_points
 from monoray.sweep.tracking import MlflowTracker, artifact_root_for
 from monoray.sweep.trial import sae_trial
+from monoray.sweep.views import dataset_inputs
 
 DRY_RUN_SAMPLES = 256
 
@@ -196,6 +197,8 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         space=space.to_dict(),
         metrics=space.metric_names,
         artifact_root=artifact_root_for(tracking_uri, paths.artifacts),
+        storage_url=storage_url,
+        datasets=None if splits is None else dataset_inputs(splits),
     )
     progress = SweepProgress(
         space.budget.num_samples,

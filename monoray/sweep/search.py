@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -104,6 +105,23 @@ def storage_for(url: str) -> optuna.storages.RDBStorage:
         first = str(getattr(err, "orig", None) or err).strip().splitlines()
         reason = first[0] if first else type(err).__name__
         raise InputError(f"storage {redact(url)}: cannot open it ({reason})") from None
+
+
+def load_sweep_study(name: str, storage_url: str) -> optuna.Study:
+    """The study of sweep `name`; `InputError` (naming what there is) when there is none."""
+    from monoray.errors import InputError
+
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    if storage_url.startswith("sqlite:///") and not db.exists():
+        raise InputError(f"no sweeps in {db.parent} (no {db.name}); pass --root or --storage")
+    storage = storage_for(storage_url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+        raise InputError(
+            f"no sweep named {name!r} in {redact(storage_url)} (have: {', '.join(names) or 'none'})"
+        ) from None
 
 
 def open_study(space: SweepSpace, name: str, storage: optuna.storages.RDBStorage) -> optuna.Study:

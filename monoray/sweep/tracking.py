@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import DatasetInput, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
@@ -33,6 +33,13 @@ PARETO_TAG = "monoray.pareto"
 ERROR_TAG = "monoray.error"
 STOPPED_TAG = "monoray.stopped"
 """On a trial MO-ASHA stopped (status KILLED): the rung, epoch and why."""
+ARCH_TAG = "monoray.arch"
+"""The trial's SAE architecture (or finetune backbone)."""
+LAMBDA_TAG = "monoray.mono_coef"
+"""The trial's MonoLoss coefficient λ (0 for the baseline)."""
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+MLFLOW_URL_ATTR = "mlflow_run_url"
+"""User attrs of each Optuna trial: its MLflow run, set when the run is created."""
 # Result keys that are bookkeeping, not metrics.
 _NOT_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid"}
 _MAX_PARAM = 6000
@@ -155,6 +162,17 @@ def error_line(trial: Any) -> str:
     return message
 
 
+def trial_tags(config: dict[str, Any]) -> dict[str, str]:
+    """Architecture and λ of a trial, as tags (searchable and shown in the runs table)."""
+    tags = {}
+    arch = config.get("arch", config.get("backbone"))
+    if arch is not None:
+        tags[ARCH_TAG] = str(arch)
+    if config.get("mono_coef") is not None:
+        tags[LAMBDA_TAG] = str(float(config["mono_coef"]))
+    return tags
+
+
 class MlflowTracker(Callback):
     """Tune callback: the only MLflow writer of a sweep."""
 
@@ -166,12 +184,18 @@ class MlflowTracker(Callback):
         space: dict[str, Any],
         metrics: list[str],
         artifact_root: Path | None,
+        storage_url: str | None = None,
+        datasets: list[DatasetInput] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.sweep = sweep
         self.space = space
         self.metrics = metrics
         self.artifact_root = artifact_root
+        self.storage_url = storage_url
+        """The sweep's Optuna storage: each trial gets its MLflow run as user attrs."""
+        self.datasets = datasets or []
+        """Logged as every trial run's input."""
         self._runs: dict[int, str] = {}
         self._last_epoch: dict[int, int] = {}
         self.experiment_id = ""
@@ -181,6 +205,7 @@ class MlflowTracker(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_client", None)
+        state.pop("_storage", None)
         state["_runs"], state["_last_epoch"] = {}, {}
         return state
 
@@ -234,13 +259,34 @@ class MlflowTracker(Callback):
                     ROLE_TAG: "trial",
                     TRIAL_TAG: str(number),
                     RAY_TRIAL_TAG: trial.trial_id,
+                    **trial_tags(trial.config),
                 },
             )
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=flat_params(trial.config))
+            if self.datasets:
+                self.client.log_inputs(run_id, datasets=self.datasets)
+            self.link_optuna_trial(number, run_id)
             self._runs[number] = run_id
             self._last_epoch[number] = 0
         return run_id
+
+    def link_optuna_trial(self, number: int, run_id: str) -> None:
+        """Optuna trial `number` gets its MLflow run id and UI link as user attrs."""
+        if self.storage_url is None:
+            return
+        from monoray.sweep.links import run_url
+        from monoray.sweep.search import storage_for
+
+        if getattr(self, "_storage", None) is None:
+            self._storage = storage_for(self.storage_url)
+        storage = self._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(self.sweep), number
+        )
+        storage.set_trial_user_attr(trial_id, MLFLOW_RUN_ATTR, run_id)
+        url = run_url(self.tracking_uri, self.experiment_id, run_id)
+        storage.set_trial_user_attr(trial_id, MLFLOW_URL_ATTR, url)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_for(trial)
@@ -282,8 +328,12 @@ class MlflowTracker(Callback):
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
     def log_checkpoint(self, run_id: str, checkpoint: Any) -> None:
+        """The final checkpoint as Tune persisted it, and the MonoScore profile it holds."""
+        from monoray.sweep.views import log_profile
+
         with checkpoint.as_directory() as path:
             self.client.log_artifacts(run_id, path, "checkpoint")
+            log_profile(self.client, run_id, Path(path))
 
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id:

@@ -16,10 +16,8 @@ from typing import Any
 from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
 from monoray.sae import SAEConfig, config_from_dict, config_to_dict
+from monoray.sae.inputs import NORMALIZE
 from monoray.train.schedule import check_schedule
-
-NORMALIZE = ("unit", "none")
-"""Input normalisations: "unit" scales each sample to unit L2 norm (the paper's setting)."""
 
 DEFAULT_SEED = 42
 """The paper's seed."""

@@ -32,6 +32,7 @@ from monoray.metrics import (
 from monoray.metrics._checks import raise_nonfinite
 from monoray.sae import SparseAutoencoder, SparseLatents
 from monoray.sae.collective import LOCAL, Collective
+from monoray.sae.inputs import normalize_inputs
 
 VAL_KEYS = (
     "r2",
@@ -60,15 +61,6 @@ def as_tensor(array: np.ndarray, dtype: Any = None) -> Tensor:
             warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
             return torch.from_numpy(array)
     return torch.from_numpy(array)
-
-
-def normalize_inputs(x: Tensor, how: str) -> Tensor:
-    """[B, d] -> [B, d]: "unit" scales each row to L2 norm 1 (zero rows stay 0); "none" as is."""
-    if how == "unit":
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    if how == "none":
-        return x
-    raise ValueError(f"unknown normalisation {how!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """`monoray inspect`: top / middle / bottom activating val samples of chosen latents.
 
-Loads a run's checkpoint and the data source recorded in it, runs one
-evaluation pass over the val split, and for each chosen latent shows its
+Loads a run's SAE artifact (`sae/`; a run made before it: its checkpoint) and the
+data source recorded in it, runs one evaluation pass over the val split, and for each chosen latent shows its
 top-n, middle-n and bottom-n positively activating samples, ordered by
 activation high to low (the paper's Fig. 3). Data with images (digits)
 renders a PNG grid; otherwise the sample ids and labels are printed.
@@ -12,11 +12,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from monoray.errors import InputError
+
+if TYPE_CHECKING:
+    from monoray.data import FeatureSplit
+    from monoray.plots import LatentPanel
+    from monoray.sae.io import SAEArtifact
 
 GROUPS = ("top", "middle", "bottom")
 
@@ -27,7 +32,9 @@ def add_parser(subparsers: Any) -> None:
         help="show top/middle/bottom activating samples of chosen latents",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("dir", type=Path, metavar="DIR", help="run directory (or a checkpoint dir)")
+    parser.add_argument(
+        "dir", type=Path, metavar="DIR", help="run directory, its sae/ or a checkpoint dir"
+    )
     parser.add_argument("--latents", type=int, nargs="+", default=None, help="latent indices")
     parser.add_argument(
         "--top-ranked",
@@ -82,75 +89,99 @@ def pick_groups(acts: np.ndarray, per: int) -> dict[str, np.ndarray]:
 
 def run(args: argparse.Namespace) -> int:
     from monoray.data import DataSource, load_features, load_source
-    from monoray.plots import LatentPanel, Sample, plot_activation_grid
-    from monoray.sae import build_sae
-    from monoray.train.checkpoint import load_checkpoint
-    from monoray.train.config import TrainConfig
-    from monoray.train.evaluate import evaluate
-    from monoray.train.trainer import resolve_device
+    from monoray.plots import plot_activation_grid
+    from monoray.train.artifact import open_run_sae
 
     if not args.dir.exists():
         raise InputError(f"{args.dir}: no such directory")
-    ckpt = load_checkpoint(args.dir, with_optimizer=False)
-    if ckpt is None:
-        raise InputError(
-            f"{args.dir}: no checkpoint found (run `monoray train --out {args.dir}` first)"
-        )
     if args.per_group < 1:
         raise InputError(f"--per-group must be >= 1, got {args.per_group}")
-    cfg = TrainConfig.from_dict(ckpt.config)
+    art = open_run_sae(args.dir)
     if args.features is not None:
-        splits = load_features(args.features, val_source=args.val_features, d_in=cfg.sae.d_in)
-    elif ckpt.data is not None:
-        splits = load_source(DataSource.from_dict(ckpt.data))
+        splits = load_features(args.features, val_source=args.val_features, d_in=art.sae.cfg.d_in)
+    elif art.data is not None:
+        splits = load_source(DataSource.from_dict(art.data))
     else:
-        raise InputError(f"{ckpt.path}/: checkpoint records no data source; pass --features")
-    device = resolve_device(args.device)
-    sae = build_sae(cfg.sae)
-    sae.load_state_dict(ckpt.model_state)
-    sae.to(device).eval()
-    d_sae = cfg.sae.d_sae
-
-    scores = ckpt.eval_tensors.get("monoscore")
-    fired = ckpt.eval_tensors.get("fire_count")
-    if args.latents is None and (scores is None or fired is None or args.features is not None):
-        first = evaluate(
-            sae, splits.val, batch_size=cfg.eval_batch_size, device=device, normalize=cfg.normalize
+        raise InputError(f"{args.dir}: the SAE records no data source; pass --features")
+    panels, m = latent_panels(
+        art,
+        splits.val,
+        latents=args.latents,
+        top_ranked=args.top_ranked,
+        per_group=args.per_group,
+        device=args.device,
+        where=str(args.dir),
+    )
+    print(panels_text(panels))
+    val = splits.val
+    purity = f"purity_binary {m['purity_binary']:.4f}  " if val.labels is not None else ""
+    print(
+        f"val: r2 {m['r2']:.4f}  monoscore_mean {m['monoscore_mean']:.4f}  "
+        f"{purity}({len(val)} samples, epoch {art.epoch})"
+    )
+    if val.images is not None:
+        out = args.out or (args.dir / "inspect.png")
+        plot_activation_grid(panels, out, title=grid_title(art))
+        print(f"wrote {out}")
+    elif args.out is not None:
+        raise InputError(
+            f"{args.out}: this data has no images to render; the table above is the output"
         )
-        scores, fired = first.monoscore, first.fire_count
-    if args.latents is not None:
-        latents = list(dict.fromkeys(args.latents))
+    return 0
+
+
+def grid_title(art: SAEArtifact) -> str:
+    cfg = art.sae.cfg
+    return f"{cfg.arch}  λ={cfg.mono_coef:g}  epoch {art.epoch}  (val, positive activations)"
+
+
+def latent_panels(
+    art: SAEArtifact,
+    val: FeatureSplit,
+    *,
+    latents: Sequence[int] | None = None,
+    top_ranked: int | None = None,
+    per_group: int = 5,
+    device: str = "auto",
+    where: str = "",
+) -> tuple[list[LatentPanel], dict[str, float]]:
+    """A panel per chosen latent (`latents`, else the `top_ranked` best by val MonoScore,
+    else 5 spread over the ranking) and the val metrics of the same pass."""
+    from monoray.plots import LatentPanel, Sample
+    from monoray.train.evaluate import evaluate
+    from monoray.train.trainer import resolve_device
+
+    dev = resolve_device(device)
+    sae = art.sae.to(dev)
+    d_sae = sae.cfg.d_sae
+    normalize = art.normalisation.applied
+
+    if latents is not None:
+        latents = list(dict.fromkeys(latents))
         bad = [i for i in latents if not 0 <= i < d_sae]
         if bad:
             raise InputError(f"--latents: {bad[0]} is out of range (d_sae is {d_sae})")
     else:
-        ms = np.asarray(scores, dtype=np.float64)
-        fc = np.asarray(fired)
-        if args.top_ranked is not None:
-            if args.top_ranked < 1:
-                raise InputError(f"--top-ranked must be >= 1, got {args.top_ranked}")
-            latents = [int(i) for i in np.argsort(-ms, kind="stable")[: args.top_ranked]]
+        first = evaluate(sae, val, device=dev, normalize=normalize)
+        ms = np.asarray(first.monoscore, dtype=np.float64)
+        fc = np.asarray(first.fire_count)
+        if top_ranked is not None:
+            if top_ranked < 1:
+                raise InputError(f"--top-ranked must be >= 1, got {top_ranked}")
+            latents = [int(i) for i in np.argsort(-ms, kind="stable")[:top_ranked]]
         else:
-            latents = spread_latents(ms, fc, min_active=3 * args.per_group)
+            latents = spread_latents(ms, fc, min_active=3 * per_group)
         if not latents:
-            raise InputError(f"{args.dir}: no latent fires on the val split")
+            raise InputError(f"{where}: no latent fires on the val split")
 
-    result = evaluate(
-        sae,
-        splits.val,
-        batch_size=cfg.eval_batch_size,
-        device=device,
-        normalize=cfg.normalize,
-        collect=latents,
-    )
+    result = evaluate(sae, val, device=dev, normalize=normalize, collect=latents)
     assert result.collected is not None
     rank_of = np.empty(d_sae, dtype=np.int64)
     rank_of[np.argsort(-result.monoscore, kind="stable")] = np.arange(1, d_sae + 1)
-    val = splits.val
     panels = []
     for j, latent in enumerate(latents):
         acts = result.collected[:, j]
-        groups = pick_groups(acts, args.per_group)
+        groups = pick_groups(acts, per_group)
         panels.append(
             LatentPanel(
                 latent=latent,
@@ -171,29 +202,14 @@ def run(args: argparse.Namespace) -> int:
                 },
             )
         )
-    _print_table(panels)
-    m = result.metrics
-    purity = f"purity_binary {m['purity_binary']:.4f}  " if val.labels is not None else ""
-    print(
-        f"val: r2 {m['r2']:.4f}  monoscore_mean {m['monoscore_mean']:.4f}  "
-        f"{purity}({len(val)} samples, epoch {ckpt.epoch})"
-    )
-    if val.images is not None:
-        out = args.out or (args.dir / "inspect.png")
-        title = f"{cfg.sae.arch}  λ={cfg.sae.mono_coef:g}  epoch {ckpt.epoch}  (val, positive activations)"
-        plot_activation_grid(panels, out, title=title)
-        print(f"wrote {out}")
-    elif args.out is not None:
-        raise InputError(
-            f"{args.out}: this data has no images to render; the table above is the output"
-        )
-    return 0
+    return panels, dict(result.metrics)
 
 
-def _print_table(panels: Sequence[Any]) -> None:
+def panels_text(panels: Sequence[LatentPanel]) -> str:
     """Plain-text table: latent, rank, MonoScore, then id:label (activation) per group."""
+    lines = []
     for p in panels:
-        print(
+        lines.append(
             f"latent {p.latent}  rank {p.rank}  monoscore {p.monoscore:.4f}  active on {p.n_active}"
         )
         for g in GROUPS:
@@ -201,4 +217,5 @@ def _print_table(panels: Sequence[Any]) -> None:
                 f"{s.id}" + ("" if s.label is None else f":y={s.label}") + f" ({s.activation:.3f})"
                 for s in p.groups.get(g, ())
             ]
-            print(f"  {g:<6}  " + ("  ".join(cells) if cells else "-"))
+            lines.append(f"  {g:<6}  " + ("  ".join(cells) if cells else "-"))
+    return "\n".join(lines)

@@ -27,6 +27,7 @@ from monoray.errors import InputError
 from monoray.runs.outcome import DivergedError, write_metrics
 from monoray.sae import build_sae
 from monoray.sae.collective import Collective
+from monoray.train.artifact import write_run_sae
 from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
 from monoray.train.config import TrainConfig
 from monoray.train.distributed import check_shards
@@ -182,8 +183,8 @@ def train_sae(
     """Train an SAE on `splits.train`, evaluating `splits.val` after every epoch.
 
     Writes `out_dir/checkpoints/epoch-NNNN/` every epoch (the last
-    `keep_checkpoints` are kept), and at the end `out_dir/metrics.json` and
-    `out_dir/monoscore_profile.png`. `resume=True` continues from the newest
+    `keep_checkpoints` are kept), and at the end `out_dir/metrics.json`,
+    `out_dir/monoscore_profile.png` and the SAE artifact `out_dir/sae/`. `resume=True` continues from the newest
     intact checkpoint in `out_dir` (a fresh start when there is none);
     `resume_from` names a checkpoint directory to continue from instead (e.g.
     one Ray Tune restored). `progress`: None shows a bar only when stderr is a
@@ -365,4 +366,5 @@ def train_sae(
     if last_eval is None and ckpt is not None and "monoscore" in ckpt.eval_tensors:
         last_eval = EvalResult.from_tensors(final, ckpt.eval_tensors)
     write_outputs(out_dir, final, last_eval)
+    write_run_sae(out_dir, sae, cfg, splits.header, epoch=int(final["epoch"]), data=data_record)
     return final

@@ -265,13 +265,14 @@ def sae_workers_trainable(space: Any, *, d_in: int, storage: Path) -> Any:
 
 def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) -> dict[str, float]:
     """`monoray train --workers W`: the run directory ends as an in-process run's (rank 0
-    writes `checkpoints/`, `metrics.json` and the profile), so W' workers or a local run
+    writes `checkpoints/`, `metrics.json`, the profile and `sae/`), so W' workers or a local run
     can `--resume` it. A failure on any rank ends the run as `check_outcome` says
     (divergence: exit 3, bad input: 2, anything else: 1; one line each)."""
     import ray.train
 
     from monoray.runs.cluster import start_ray
     from monoray.runs.outcome import METRICS_FILE, RunFailedError, check_outcome
+    from monoray.train.artifact import sae_of_checkpoint, write_run_sae
     from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
     from monoray.train.evaluate import EvalResult
     from monoray.train.trainer import write_outputs
@@ -324,6 +325,8 @@ def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) 
         if ckpt is not None:
             final = ckpt.history[-1]
             write_outputs(out, final, EvalResult.from_tensors(final, ckpt.eval_tensors))
+            sae = sae_of_checkpoint(ckpt).sae
+            write_run_sae(out, sae, cfg, splits.header, epoch=ckpt.epoch, data=ckpt.data)
     final_ckpt = load_checkpoint(out / CHECKPOINTS, with_optimizer=False)
     if final_ckpt is None:
         raise RunFailedError("the workers finished without a checkpoint")
