@@ -2,8 +2,10 @@
 
 Over a finished demo sweep (`finished_demo`), `monoray ui` serves MLflow on a free port of
 127.0.0.1; Playwright (its own driver, no browser download) drives `/usr/bin/chromium`
-through the experiment, the parent run, a front trial and their image artifacts, and checks
-that MLflow shows its model-training view, not the GenAI one. Screenshots land in the
+through the experiment, the parent run (the sweep's summary metrics and note, whose links
+open the front's runs), a front trial (its metrics, MonoScore profile and activating
+samples) and every image artifact of both, and checks that MLflow shows its model-training
+view, not the GenAI one. Screenshots land in the
 test's tmp dir; `MONORAY_SCREENSHOTS_TO=docs` copies the three the README shows there.
 CI (`.ci/with-services.sh`) installs Chromium and exports MONORAY_TEST_CHROMIUM; without a
 Chromium the tests skip locally and fail under CI=true.
@@ -26,9 +28,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from monoray.sweep.links import run_url, server_url
+from monoray.sweep.summary import HV_KEY
 from monoray.sweep.tracking import PARETO_TAG, SweepRecords
+from monoray.sweep.views import ACTIVATIONS_IMAGE, PROFILE_IMAGE
 from tests.conftest import FinishedSweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -49,6 +54,7 @@ LOAD_MS = 180_000
 SERVER_START_S = 600
 GENAI_ONLY = ("Observability", "Detect Issues")
 """Text of MLflow's GenAI experiment view that its model-training view does not have."""
+SUMMARY_METRICS = (HV_KEY, "trials_complete", "trials_failed", "best_r2", "baseline_r2")
 LINK = re.compile(r"^(experiment|parent run): (\S+)$", flags=re.MULTILINE)
 
 
@@ -164,6 +170,10 @@ def assert_image_artifact_loads(page, ui: Ui, run_id: str, path: str) -> None:
     assert image.evaluate("e => e.complete && e.naturalWidth > 0"), path
 
 
+def on_front(client: MlflowClient, run_id: str) -> bool:
+    return client.get_run(run_id).data.tags.get(PARETO_TAG) == "true"
+
+
 def image_artifacts(client: MlflowClient, run_id: str, under: str = "") -> list[str]:
     found = []
     for item in client.list_artifacts(run_id, under or None):
@@ -200,17 +210,25 @@ def test_parent_run_link_shows_the_sweep_summary(ui: Ui, page, tmp_path: Path):
     assert_model_training_view(page)
     for number in sorted(ui.records.runs):  # the trials, as child runs
         page.get_by_role("link", name=f"trial-{number:04d}").first.wait_for()
+    # The sweep's summary (monoray/sweep/summary.py): metrics and the note with the front.
+    assert set(SUMMARY_METRICS) <= set(parent.data.metrics), sorted(parent.data.metrics)
     page.get_by_text(f"Metrics ({len(parent.data.metrics)})").wait_for()
     for key in parent.data.metrics:
         page.get_by_text(key, exact=True).first.wait_for()
-    note = parent.data.tags.get("mlflow.note.content")
-    if note:
-        first_line = next(ln.strip("# *") for ln in note.splitlines() if ln.strip())
-        page.get_by_text(first_line).first.wait_for()
+    assert MLFLOW_RUN_NOTE in parent.data.tags
+    page.get_by_text("Hypervolume of the front").wait_for()
     shoot(page, tmp_path, "mlflow_parent_run.png")
-    for path in image_artifacts(ui.records.client, ui.records.parent_run_id):
+    # The note links each front trial's run, in the model-training view.
+    front = sorted(n for n, r in ui.records.runs.items() if on_front(ui.records.client, r))
+    name = f"trial-{front[0]:04d}"
+    page.locator("a[href*='workflowType=machine_learning']", has_text=name).first.click()
+    page.get_by_role("heading", name=name).wait_for()
+    assert_model_training_view(page)
+
+    images = image_artifacts(ui.records.client, ui.records.parent_run_id)
+    assert {"pareto_front.png", "pareto/pareto_front.png"} <= set(images), images
+    for path in images:
         assert_image_artifact_loads(page, ui, ui.records.parent_run_id, path)
-    assert "pareto/pareto_front.png" in image_artifacts(ui.records.client, ui.records.parent_run_id)
 
 
 def test_front_trial_page_shows_its_metrics_and_images(ui: Ui, page, tmp_path: Path):
@@ -227,5 +245,7 @@ def test_front_trial_page_shows_its_metrics_and_images(ui: Ui, page, tmp_path: P
         assert key in run.data.metrics
         page.get_by_text(key, exact=True).first.wait_for()
     shoot(page, tmp_path, "mlflow_front_trial.png")
-    for path in image_artifacts(client, run.info.run_id):
+    images = image_artifacts(client, run.info.run_id)
+    assert {PROFILE_IMAGE, ACTIVATIONS_IMAGE} <= set(images), images  # profile, activations
+    for path in images:
         assert_image_artifact_loads(page, ui, run.info.run_id, path)
