@@ -221,9 +221,13 @@ def test_parent_run_link_shows_the_sweep_summary(ui: Ui, page, tmp_path: Path):
     # The note links each front trial's run, in the model-training view.
     front = sorted(n for n, r in ui.records.runs.items() if on_front(ui.records.client, r))
     name = f"trial-{front[0]:04d}"
-    page.locator("a[href*='workflowType=machine_learning']", has_text=name).first.click()
-    page.get_by_role("heading", name=name).wait_for()
-    assert_model_training_view(page)
+    link = page.locator("a[href*='workflowType=machine_learning']", has_text=name).first
+    with page.context.expect_page() as opened:  # the note's links open a new tab
+        link.click()
+    trial_page = opened.value
+    trial_page.get_by_role("heading", name=name).wait_for()
+    assert_model_training_view(trial_page)
+    trial_page.close()
 
     images = image_artifacts(ui.records.client, ui.records.parent_run_id)
     assert {"pareto_front.png", "pareto/pareto_front.png"} <= set(images), images
