@@ -28,8 +28,9 @@ import torch
 from monoray import __version__
 from monoray.data import FeatureSplits, load_features, split_random
 from monoray.plots import plot_monoscore_profile
+from monoray.runs.checkpoint import load_checkpoint
+from monoray.sae import drop_unused
 from monoray.train import TrainConfig, train_sae
-from monoray.train.checkpoint import load_checkpoint
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "vanilla", "matryoshka")
 GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -82,14 +83,16 @@ def tune(
 ) -> float:
     d_in = fit_tune.train.dim
     ref, _ = run(
-        TrainConfig.from_dict({"arch": arch, "d_in": d_in, **base}),
+        TrainConfig.from_dict(drop_unused({"arch": arch, "d_in": d_in, **base})),
         fit_tune,
         workdir,
         f"{arch}-tune-0",
     )
     best, best_ms = 0.0, -1.0
     for lam in grid:
-        cfg = TrainConfig.from_dict({"arch": arch, "d_in": d_in, **base, "mono_coef": lam})
+        cfg = TrainConfig.from_dict(
+            drop_unused({"arch": arch, "d_in": d_in, **base, "mono_coef": lam})
+        )
         m, _ = run(cfg, fit_tune, workdir, f"{arch}-tune-{lam:g}")
         ok = ref["r2"] - m["r2"] < max_drop
         log.append(
@@ -130,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
             lam = tune(arch, base, grids[arch], fit_tune, work, args.max_r2_drop, tune_log)
             d_in = splits.train.dim
             m0, p0 = run(
-                TrainConfig.from_dict({"arch": arch, "d_in": d_in, **base}),
+                TrainConfig.from_dict(drop_unused({"arch": arch, "d_in": d_in, **base})),
                 splits,
                 work,
                 f"{arch}-0",
             )
             if lam > 0:
-                cfg = TrainConfig.from_dict({"arch": arch, "d_in": d_in, **base, "mono_coef": lam})
+                cfg = TrainConfig.from_dict(
+                    drop_unused({"arch": arch, "d_in": d_in, **base, "mono_coef": lam})
+                )
                 m1, p1 = run(cfg, splits, work, f"{arch}-tuned")
             else:
                 m1, p1 = m0, p0

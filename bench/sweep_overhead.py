@@ -127,8 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     trials = 4 if args.quick else args.trials
 
-    from monoray.sweep.runner import load_splits
     from monoray.sweep.space import load_space
+    from monoray.trials.sae import load_splits
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

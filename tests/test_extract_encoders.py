@@ -68,8 +68,8 @@ def test_device_preprocessing_equals_the_models_own_transform():
 def test_unknown_encoder_and_bad_options():
     with pytest.raises(InputError, match="unknown encoder 'nope'"):
         describe_encoder(EncoderSpec("nope", "random-init"))
-    with pytest.raises(InputError, match="--normalise"):
-        describe_encoder(EncoderSpec("clip-vit-b32", "random-init", normalise="l1"))
+    with pytest.raises(InputError, match="--normalize must be one of unit, none"):
+        describe_encoder(EncoderSpec("clip-vit-b32", "random-init", normalize="l1"))
     with pytest.raises(InputError, match="--precision"):
         resolve_precision("int8", "cpu")
     assert resolve_precision("auto", "cpu") == "float32"

@@ -37,13 +37,13 @@ import psutil
 import pytest
 
 from monoray.errors import InputError
+from monoray.runs.checkpoint import read_checkpoint_dir
 from monoray.sweep.audit import AuditReport, audit_sweep
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.runner import SweepOptions, SweepResult, run_sweep
 from monoray.sweep.search import RAY_TRIAL_ATTR, TRIAL_KEY
 from monoray.sweep.space import SweepSpace, load_space
 from monoray.sweep.tracking import SweepRecords
-from monoray.train.checkpoint import read_checkpoint_dir
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 REPO = Path(__file__).parents[1]
@@ -497,7 +497,7 @@ def test_audit_reports_each_kind_of_damage(ray_session, project: Path) -> None:
 def test_older_checkpoints_lists_earlier_tune_checkpoints_newest_first(tmp_path: Path) -> None:
     from ray import tune
 
-    from monoray.sweep.restore import older_checkpoints
+    from monoray.trials.restore import older_checkpoints
 
     for index in (0, 1, 3, 7):
         (tmp_path / f"checkpoint_{index:06d}").mkdir()

@@ -140,8 +140,8 @@ def test_shipped_finetune_spaces_load():
 
 
 def test_finetune_space_errors_name_the_key(tmp_path):
-    from monoray.finetune.trial import check_finetune_space
     from monoray.sweep.space import load_space
+    from monoray.trials.finetune import check_finetune_space
 
     path = tmp_path / "space.yaml"
     path.write_text("kind: finetune\ndata: {features: digits}\nfixed: {random_init: true}\n")

@@ -17,10 +17,10 @@ import torch
 
 from monoray.cli import main
 from monoray.data import load_features
+from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
 from monoray.sae import ARCH_NAMES, build_sae
 from monoray.sae.io import CFG_FILE, read_sae
 from monoray.train.artifact import SAE_DIR
-from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 from monoray.train.config import TrainConfig
 
 QUICK = ["--features", "digits", "--d-sae", "48", "--k", "4", "--batch-size", "128"]
@@ -129,7 +129,10 @@ def test_npz_export_encodes_and_decodes_as_the_sae(tmp_path, capsys, arch):
     np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-6)
 
 
-def test_read_and_export_from_an_mlflow_uri(tmp_path, capsys):
+def test_read_and_export_from_an_mlflow_uri(tmp_path, capsys, monkeypatch):
+    work = tmp_path / "cwd"  # MLflow's default stores (./mlflow.db) must stay unused
+    work.mkdir()
+    monkeypatch.chdir(work)
     out = tmp_path / "run"
     assert main(["train", "--arch", "jumprelu", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -172,7 +175,7 @@ def test_read_and_export_from_an_mlflow_uri(tmp_path, capsys):
         )
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and list(work.iterdir()) == []
 
 
 def exit_code(argv: list[str]) -> int:

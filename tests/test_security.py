@@ -28,11 +28,11 @@ import pytest
 import torch
 
 from monoray.cli import build_parser, main
-from monoray.data.store import sha256_file
 from monoray.errors import InputError
+from monoray.runs.checkpoint import load_checkpoint, read_checkpoint_dir, save_checkpoint
+from monoray.runs.files import sha256_file
 from monoray.sweep.space import load_space
 from monoray.sweep.ui_cli import AUTH_INI, ui_command, write_auth_config
-from monoray.train.checkpoint import load_checkpoint, read_checkpoint_dir, save_checkpoint
 
 REPO = Path(__file__).parents[1]
 

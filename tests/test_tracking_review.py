@@ -319,9 +319,9 @@ def test_front_models_load_and_encode_as_the_trained_sae(swept) -> None:
     import torch
 
     from monoray.data import load_features
+    from monoray.runs.checkpoint import load_checkpoint
     from monoray.sae.io import read_sae
     from monoray.train.artifact import sae_of_checkpoint
-    from monoray.train.checkpoint import load_checkpoint
 
     root, study, records = swept
     client = records.client
@@ -377,3 +377,27 @@ def test_knee_is_the_point_farthest_above_the_chord() -> None:
     assert knee([], up) is None
     down = [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]
     assert knee(trials, down).number == 0  # (0.9, 0.1) is best in both
+
+
+def test_an_sae_with_no_firing_latent_logs_why_instead_of_samples(swept, tmp_path: Path) -> None:
+    import torch
+
+    from monoray.data import load_features
+    from monoray.sae.io import read_sae
+    from monoray.sweep.views import log_activations
+
+    root, _, records = swept
+    client = records.client
+    art = read_sae(
+        f"models:/monoray-{NAME}@{KNEE_ALIAS}", tracking_uri=ProjectPaths.resolve(root).tracking_uri
+    )
+    with torch.no_grad():
+        for p in art.sae.parameters():
+            p.zero_()
+    run = client.create_run(records.experiment_id, run_name="dead").info.run_id
+    log_activations(client, run, art, load_features("digits").val)
+    top = {a.path for a in client.list_artifacts(run)}
+    assert top == {ACTIVATIONS_TEXT}
+    text = Path(client.download_artifacts(run, ACTIVATIONS_TEXT, str(tmp_path))).read_text()
+    assert text == "this SAE: no latent fires on the val split\n"
+    client.delete_run(run)

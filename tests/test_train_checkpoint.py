@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monoray.errors import InputError
-from monoray.train.checkpoint import load_checkpoint, save_checkpoint
+from monoray.runs.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _model_and_optimizer(steps: int = 3) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -82,7 +82,7 @@ def test_keeps_last_two_and_falls_back_from_a_damaged_latest(
     data = bytearray((tmp_path / "epoch-0003" / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (tmp_path / "epoch-0003" / "model.safetensors").write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="monoray.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="monoray.runs.checkpoint"):
         ckpt = load_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.epoch == 2
     assert "does not match its sha256" in caplog.text

@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from monoray.data import load_features
-from monoray.sae import SAEConfig, build_sae
+from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
+from monoray.sae import SAEConfig, build_sae, drop_unused
 from monoray.sae.collective import Collective, Ranks
 from monoray.sae.sparse import batch_topk
 from monoray.train import TrainConfig, train_sae
-from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -54,23 +54,25 @@ TRAIN_ROWS = 717
 
 def _cfg(arch: str) -> TrainConfig:
     return TrainConfig.from_dict(
-        {
-            "arch": arch,
-            "d_in": 54,
-            "d_sae": 32,
-            "k": 4,
-            "aux_k": 8,
-            "dead_steps_threshold": 3,
-            "dead_reinit_steps": 5,
-            "mono_coef": 0.1,
-            "mono_precision": "float64",
-            "epochs": 2,
-            "batch_size": 60,
-            "lr": 3e-3,
-            "adam_eps": 1e-6,  # see PARAM_ATOL
-            "device": "cpu",
-            "seed": 3,
-        }
+        drop_unused(
+            {
+                "arch": arch,
+                "d_in": 54,
+                "d_sae": 32,
+                "k": 4,
+                "aux_k": 8,
+                "dead_steps_threshold": 3,
+                "dead_reinit_steps": 5,
+                "mono_coef": 0.1,
+                "mono_precision": "float64",
+                "epochs": 2,
+                "batch_size": 60,
+                "lr": 3e-3,
+                "adam_eps": 1e-6,  # see PARAM_ATOL
+                "device": "cpu",
+                "seed": 3,
+            }
+        )  # the dead-latent keys are the TopK family's
     )
 
 

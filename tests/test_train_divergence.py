@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from monoray.data import load_features
-from monoray.train import DivergedError, TrainConfig, load_checkpoint, train_sae
+from monoray.runs.checkpoint import load_checkpoint
+from monoray.runs.outcome import DivergedError
+from monoray.train import TrainConfig, train_sae
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk"])

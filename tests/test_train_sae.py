@@ -16,15 +16,10 @@ import torch
 
 from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
-from monoray.sae import TOPK_FAMILY, build_sae
-from monoray.train import (
-    VAL_KEYS,
-    DivergedError,
-    TrainConfig,
-    evaluate,
-    load_checkpoint,
-    train_sae,
-)
+from monoray.runs.checkpoint import load_checkpoint
+from monoray.runs.outcome import DivergedError
+from monoray.sae import TOPK_FAMILY, build_sae, drop_unused
+from monoray.train import VAL_KEYS, TrainConfig, evaluate, train_sae
 
 # Small and quick on 2 CPU cores: 8 epochs of 45 steps, a few seconds per architecture.
 FAST = {
@@ -53,7 +48,8 @@ def digits() -> FeatureSplits:
 
 
 def _cfg(splits: FeatureSplits, **changes: Any) -> TrainConfig:
-    return TrainConfig.from_dict({"arch": "batchtopk", "d_in": splits.train.dim, **FAST, **changes})
+    flat = {"arch": "batchtopk", "d_in": splits.train.dim, **FAST, **changes}
+    return TrainConfig.from_dict(drop_unused(flat))  # FAST's k is the TopK family's
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "vanilla", "matryoshka"])

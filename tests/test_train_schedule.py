@@ -13,10 +13,12 @@ import torch
 
 from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
-from monoray.sweep.runner import check_trial_config
+from monoray.runs.checkpoint import load_checkpoint
+from monoray.sae import drop_unused
 from monoray.sweep.space import load_space
-from monoray.train import TrainConfig, load_checkpoint, train_sae
+from monoray.train import TrainConfig, train_sae
 from monoray.train.schedule import Schedule, warm
+from monoray.trials.sae import check_trial_config
 
 REPO = Path(__file__).parents[1]
 FAST = {"d_sae": 64, "k": 8, "batch_size": 64, "lr": 3e-3, "device": "cpu"}
@@ -36,7 +38,7 @@ def digits() -> FeatureSplits:
 
 
 def _cfg(**changes: Any) -> TrainConfig:
-    return TrainConfig.from_dict({"arch": "batchtopk", "d_in": 54, **FAST, **changes})
+    return TrainConfig.from_dict(drop_unused({"arch": "batchtopk", "d_in": 54, **FAST, **changes}))
 
 
 def _schedule(steps_per_epoch: int = 10, **changes: Any) -> Schedule:

@@ -19,8 +19,8 @@ from test_sae_artifact_run import assert_artifact_is_final_checkpoint
 from test_sweep_integration import assert_consistent, small_space
 
 from monoray.cli import main
+from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
 from monoray.sweep.runner import SweepOptions, run_sweep
-from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -15,9 +15,10 @@ import torch
 from monoray.cli import main
 from monoray.data import FeatureSplits, load_features
 from monoray.errors import InputError
-from monoray.sweep.runner import load_splits
+from monoray.runs.outcome import DivergedError
 from monoray.sweep.space import load_space
-from monoray.train import DivergedError, TrainConfig, train_sae
+from monoray.train import TrainConfig, train_sae
+from monoray.trials.sae import load_splits
 
 REPO = Path(__file__).parents[1]
 TRAIN_ZERO = list(range(0, 400, 10))  # 40 rows: 1438 -> 1398 train rows, 23 -> 22 steps at 64
@@ -160,7 +161,7 @@ def test_trial_input_error_is_failed_with_its_reason_not_retried(
     from ray import tune
 
     from monoray.sweep.search import failure_reason
-    from monoray.sweep.trial import sae_trial
+    from monoray.trials.sae import sae_trial
 
     digits = load_features("digits")
     bad = np.array(digits.val.features)

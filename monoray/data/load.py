@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from monoray.data.sharded import ShardedArray
 from monoray.data.store import HEADER, open_store
-from monoray.data.types import DataSource, FeatureSplit, FeatureSplits, StoreHeader
+from monoray.data.types import DataSource, FeatureSplit, FeatureSplits, StoreHeader, take_rows
 from monoray.data.validate import check_dim, check_features, check_ids, check_images, check_labels
 from monoray.data.zero_rows import apply_zero_rows, check_policy
 from monoray.errors import InputError
@@ -186,23 +185,6 @@ def split_random(
         raise InputError(f"{where}: {which} split is empty ({n} rows, val_fraction {val_fraction})")
     perm = np.random.default_rng(seed).permutation(n)
     return take_rows(split, np.sort(perm[n_val:])), take_rows(split, np.sort(perm[:n_val]))
-
-
-def take_rows(split: FeatureSplit, rows: np.ndarray) -> FeatureSplit:
-    """A split of some rows; memory-mapped features stay lazy (a `ShardedArray` view)."""
-    x = split.features
-    if isinstance(x, ShardedArray):
-        features: Any = x.subset(rows)
-    elif isinstance(x, np.memmap) and x.filename is not None:
-        features = ShardedArray([x.filename]).subset(rows)
-    else:
-        features = x[rows]
-    return FeatureSplit(
-        features=features,
-        labels=None if split.labels is None else split.labels[rows],
-        ids=split.ids[rows],
-        images=None if split.images is None else split.images[rows],
-    )
 
 
 def _replace(header: StoreHeader, **changes: Any) -> StoreHeader:

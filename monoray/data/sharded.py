@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+CHUNK_ROWS = 65536
+"""Rows checked at a time, so checking a memory-mapped store keeps memory flat."""
+
 
 class ShardedArray:
     """Read-only [N, d] float32 view over `.npy` shards, optionally a subset of rows.

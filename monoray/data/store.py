@@ -16,7 +16,6 @@ interrupted at any point resumes from `writer.n_samples`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from monoray.data.sharded import ShardedArray
 from monoray.data.types import DTYPES, STORE_SCHEMA_VERSION, FeatureSplit, ShardInfo, StoreHeader
 from monoray.data.validate import check_finite, check_labels
 from monoray.errors import InputError
+from monoray.runs.files import atomic_write_bytes, sha256_file
 
 HEADER = "header.json"
 
@@ -36,37 +36,6 @@ def _version() -> str:
     from monoray import __version__
 
     return f"monoray {__version__}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file, fsync and rename (readers never see half)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from monoray.data.sharded import ShardedArray
+from monoray.data.sharded import CHUNK_ROWS, ShardedArray
 
+if TYPE_CHECKING:
     FeatureArray: TypeAlias = np.ndarray | ShardedArray
 else:
     FeatureArray: TypeAlias = Any
@@ -193,16 +193,46 @@ class FeatureSplits:
 
     def head(self, n: int) -> FeatureSplits:
         """At most the first `n` rows of each split (dry runs, smoke tests)."""
-        from monoray.data.load import take_rows
 
         def cut(split: FeatureSplit) -> FeatureSplit:
             return split if len(split) <= n else take_rows(split, np.arange(n))
 
         train, val, zero = cut(self.train), cut(self.val), self.zero_rows
         if zero is not None and zero.policy == "keep":
-            from monoray.data.zero_rows import count_zero_rows
-
             zero = count_zero_rows(train, val)
         return FeatureSplits(
             train=train, val=val, header=self.header, source=self.source, zero_rows=zero
         )
+
+
+def take_rows(split: FeatureSplit, rows: np.ndarray) -> FeatureSplit:
+    """A split of some rows; memory-mapped features stay lazy (a `ShardedArray` view)."""
+    x = split.features
+    if isinstance(x, ShardedArray):
+        features: Any = x.subset(rows)
+    elif isinstance(x, np.memmap) and x.filename is not None:
+        features = ShardedArray([x.filename]).subset(rows)
+    else:
+        features = x[rows]
+    return FeatureSplit(
+        features=features,
+        labels=None if split.labels is None else split.labels[rows],
+        ids=split.ids[rows],
+        images=None if split.images is None else split.images[rows],
+    )
+
+
+def zero_row_mask(features: FeatureArray) -> np.ndarray:
+    """[N] bool: rows whose entries are all 0 (read in chunks: memory maps stay flat)."""
+    out = np.empty(features.shape[0], dtype=bool)
+    for start in range(0, features.shape[0], CHUNK_ROWS):
+        block = np.asarray(features[start : start + CHUNK_ROWS])
+        out[start : start + block.shape[0]] = ~block.any(axis=1)
+    return out
+
+
+def count_zero_rows(train: FeatureSplit, val: FeatureSplit) -> ZeroRows:
+    """The all-zero rows of splits that were not counted at load (policy "keep")."""
+    return ZeroRows(
+        "keep", int(zero_row_mask(train.features).sum()), int(zero_row_mask(val.features).sum())
+    )

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from monoray.data.sharded import ShardedArray
+from monoray.data.sharded import CHUNK_ROWS, ShardedArray
 from monoray.data.types import FeatureArray
 from monoray.errors import InputError
-
-CHUNK_ROWS = 65536
-"""Rows checked at a time, so checking a memory-mapped store keeps memory flat."""
 
 
 def check_features(features: FeatureArray, *, where: str, name: str = "'features'") -> FeatureArray:

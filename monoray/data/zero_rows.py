@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from monoray.data.types import ZERO_ROWS, FeatureArray, FeatureSplit, ZeroRows
-from monoray.data.validate import CHUNK_ROWS
+from monoray.data.types import ZERO_ROWS, FeatureSplit, ZeroRows, take_rows, zero_row_mask
 from monoray.errors import InputError
 
 
@@ -22,28 +21,10 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def zero_row_mask(features: FeatureArray) -> np.ndarray:
-    """[N] bool: rows whose entries are all 0 (read in chunks: memory maps stay flat)."""
-    out = np.empty(features.shape[0], dtype=bool)
-    for start in range(0, features.shape[0], CHUNK_ROWS):
-        block = np.asarray(features[start : start + CHUNK_ROWS])
-        out[start : start + block.shape[0]] = ~block.any(axis=1)
-    return out
-
-
-def count_zero_rows(train: FeatureSplit, val: FeatureSplit) -> ZeroRows:
-    """The all-zero rows of splits that were not counted at load (policy "keep")."""
-    return ZeroRows(
-        "keep", int(zero_row_mask(train.features).sum()), int(zero_row_mask(val.features).sum())
-    )
-
-
 def apply_zero_rows(
     train: FeatureSplit, val: FeatureSplit, policy: str, *, where: str
 ) -> tuple[FeatureSplit, FeatureSplit, ZeroRows]:
     """Count the all-zero rows of both splits and apply `policy` (see `ZERO_ROWS`)."""
-    from monoray.data.load import take_rows
-
     check_policy(policy)
     masks = {"train": zero_row_mask(train.features), "val": zero_row_mask(val.features)}
     found = ZeroRows(policy, int(masks["train"].sum()), int(masks["val"].sum()))

@@ -5,9 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from monoray.extract.encoders import CACHE, ENCODERS, NORMALISATIONS, PRECISIONS, RANDOM_INIT
+from monoray.configs import add_config_flags
+from monoray.data.types import DTYPES
+from monoray.extract.distributed import RayOptions
+from monoray.extract.encoders import (
+    CACHE,
+    ENCODERS,
+    NORMALISATIONS,
+    PRECISIONS,
+    RANDOM_INIT,
+    EncoderSpec,
+)
+from monoray.extract.pipeline import ON_BAD_IMAGE, ExtractConfig
+from monoray.extract.sources import CIFAR_SPLITS
 from monoray.runs.cluster import add_address_arg
+
+SPEC_KEYS = ("image_size", "device", "precision", "normalize", "seed")
+"""`EncoderSpec` fields with a flag each (`--encoder` and the weights pair are written out)."""
+CONFIG_KEYS = ("split", "image_root", "limit", "batch_size", "shard_rows", "dtype")
+CONFIG_KEYS += ("on_bad_image", "loader_workers")
+"""`ExtractConfig` fields with a flag each (`--images`, `--out`, `--quiet` are written out)."""
+RAY_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "decode_tasks")
+"""`RayOptions` fields with a flag each (`--address` is `runs.cluster`'s)."""
 
 EPILOG = "encoders:\n" + "\n".join(f"  {e.name:22s} {e.description}" for e in ENCODERS.values())
 
@@ -45,92 +66,50 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "or a .csv/.parquet list with a path column and optional label column",
     )
     p.add_argument("--out", required=True, type=Path, metavar="STORE", help="store directory")
-    p.add_argument("--split", choices=["train", "test"], help="CIFAR split (default: train)")
-    p.add_argument(
-        "--image-root", metavar="DIR", help="base folder of relative paths in a .csv/.parquet list"
+    add_config_flags(
+        p,
+        (EncoderSpec, ExtractConfig),
+        (*CONFIG_KEYS, *SPEC_KEYS),
+        choices={
+            "split": CIFAR_SPLITS,
+            "precision": PRECISIONS,
+            "normalize": NORMALISATIONS,
+            "dtype": DTYPES,
+            "on_bad_image": ON_BAD_IMAGE,
+        },
+        aliases={"normalize": ("--normalise",)},
     )
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N images of the listing")
-    p.add_argument(
-        "--image-size", type=int, metavar="PX", help="input resolution override in pixels"
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (local mode)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
-    p.add_argument(
-        "--normalise",
-        default="unit",
-        choices=NORMALISATIONS,
-        help="unit: L2-normalise features (default)",
-    )
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of --random-init")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="default 64")
-    p.add_argument(
-        "--shard-rows", type=int, default=16384, metavar="N", help="images per shard (resume unit)"
-    )
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument(
-        "--on-bad-image",
-        default="skip",
-        choices=["skip", "fail"],
-        help="skip: list unreadable images in STORE/bad_images.jsonl and go on (default)",
-    )
-    p.add_argument("--loader-workers", type=int, metavar="N", help="decode processes in local mode")
     ray = p.add_argument_group("Ray Data (distributed)")
     ray.add_argument("--ray", action="store_true", help="run on Ray (a local one if no --address)")
     add_address_arg(ray)
-    ray.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="encoder actors (default 1)"
-    )
-    ray.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        metavar="G",
-        help="default: 1 if the cluster has GPUs, else 0",
-    )
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C")
-    ray.add_argument(
-        "--decode-tasks", type=int, metavar="N", help="most concurrent decode tasks (default: CPUs)"
-    )
+    add_config_flags(ray, (RayOptions,), RAY_KEYS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
+def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The flags of `keys` that were given (the dataclass defaults stand for the rest)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
 def run(args: argparse.Namespace) -> int:
-    from monoray.extract.distributed import RayOptions
-    from monoray.extract.encoders import EncoderSpec
-    from monoray.extract.pipeline import ExtractConfig, extract
+    from monoray.extract.pipeline import extract
 
     spec = EncoderSpec(
         name=args.encoder,
         weights=RANDOM_INIT if args.random_init else args.weights,
-        image_size=args.image_size,
-        device=args.device,
-        precision=args.precision,
-        normalise=args.normalise,
-        seed=args.seed,
+        **_given(args, SPEC_KEYS),
     )
     cfg = ExtractConfig(
         encoder=spec,
         images=args.images,
         out=args.out,
-        split=args.split,
-        image_root=args.image_root,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        shard_rows=args.shard_rows,
-        dtype=args.dtype,
-        on_bad_image=args.on_bad_image,
-        loader_workers=args.loader_workers,
         progress=not args.quiet,
+        **_given(args, CONFIG_KEYS),
     )
     ray = None
     if args.ray or args.address:
-        ray = RayOptions(
-            address=args.address,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
-            decode_tasks=args.decode_tasks,
-        )
+        ray = RayOptions(address=args.address, **_given(args, RAY_KEYS))
     r = extract(cfg, ray=ray)
     h = r.header
     print(
@@ -144,10 +123,3 @@ def run(args: argparse.Namespace) -> int:
     if r.n_bad:
         print(f"{r.n_bad} unreadable images skipped, listed in {r.bad_images}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":  # `python -m monoray.extract.cli ...` until `extract` is in COMMANDS
-    from monoray import cli
-
-    cli.COMMANDS.setdefault("extract", "monoray.extract.cli")
-    raise SystemExit(cli.main(["extract", *sys.argv[1:]]))

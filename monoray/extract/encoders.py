@@ -32,8 +32,9 @@ from typing import Any, Literal, assert_never
 
 import numpy as np
 
-from monoray.data.store import sha256_file
 from monoray.errors import InputError
+from monoray.runs.device import check_device
+from monoray.runs.files import sha256_file
 
 Library = Literal["open_clip", "timm"]
 RANDOM_INIT = "random-init"
@@ -131,7 +132,7 @@ class EncoderSpec:
     """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
     precision: str = "auto"
     """Compute dtype: "auto" (float16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16"."""
-    normalise: str = "unit"
+    normalize: str = "unit"
     """"unit": L2-normalise each feature vector (recorded in the header); "none": raw."""
     seed: int = 0
     """Seed of the random initialisation (random-init only)."""
@@ -306,8 +307,9 @@ def resolve_precision(precision: str, device_type: str) -> str:
 
 
 def _check_spec(spec: EncoderSpec) -> None:
-    if spec.normalise not in NORMALISATIONS:
-        raise InputError(f"--normalise must be one of {', '.join(NORMALISATIONS)}")
+    if spec.normalize not in NORMALISATIONS:
+        raise InputError(f"--normalize must be one of {', '.join(NORMALISATIONS)}")
+    check_device(spec.device)
     if spec.precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if spec.image_size is not None and spec.image_size < 8:
@@ -360,7 +362,7 @@ class Encoder:
         with torch.inference_mode(), autocast:
             y = self.model(x)
         y = y.float()
-        if self.spec.normalise == "unit":
+        if self.spec.normalize == "unit":
             y = torch.nn.functional.normalize(y, dim=-1)
         return y.cpu().numpy()
 

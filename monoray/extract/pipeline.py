@@ -161,7 +161,7 @@ def extract(
         encoder=cfg.encoder.name,
         dim=info.dim,
         dtype=cfg.dtype,
-        normalisation=cfg.encoder.normalise,
+        normalisation=cfg.encoder.normalize,
         has_labels=listing.labels is not None,
         shard_rows=cfg.shard_rows,
         extra=extra,
@@ -255,7 +255,7 @@ def _check_out(out: Path, cfg: ExtractConfig, info: EncoderInfo, extra: dict[str
         "encoder": cfg.encoder.name,
         "dim": info.dim,
         "dtype": cfg.dtype,
-        "normalisation": cfg.encoder.normalise,
+        "normalisation": cfg.encoder.normalize,
     }
     for key, value in want.items():
         if getattr(old, key) != value:

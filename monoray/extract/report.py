@@ -13,9 +13,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from monoray.data.store import atomic_write_bytes
 from monoray.errors import InputError
 from monoray.extract.batches import BadImage
+from monoray.runs.files import atomic_write_bytes
 
 BAD_IMAGES = "bad_images.jsonl"
 """File name of the bad-image report inside the store directory."""

@@ -41,6 +41,8 @@ PATH_COLUMNS = ("path", "image", "filepath", "file", "image_path")
 """Column names accepted as the image path of a CSV/Parquet listing, first match wins."""
 LABEL_COLUMN = "label"
 """Column name of the class label in a CSV/Parquet listing (optional)."""
+CIFAR_SPLITS = ("train", "test")
+"""The splits of a CIFAR python directory."""
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 """CIFAR-10 training batch files, in id order."""
 
@@ -387,7 +389,7 @@ def open_source(
 
     `split` ("train" or "test") applies to CIFAR only; `image_root` to tables only.
     """
-    if split not in (None, "train", "test"):
+    if split not in (None, *CIFAR_SPLITS):
         raise InputError(f"--split must be 'train' or 'test', got {split!r}")
     if str(images) == "digits":
         if split is not None or image_root is not None:

@@ -14,10 +14,10 @@ import dataclasses
 import json
 import logging
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
+from monoray.configs import add_config_flags
 from monoray.finetune.backbones import CACHE
 from monoray.finetune.config import FinetuneConfig
 from monoray.finetune.data import DIGITS
@@ -29,7 +29,6 @@ OWN_FLAGS = ("weights", "random_init")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from monoray.finetune.backbones import BACKBONES
-    from monoray.train.cli import _parse_bool, field_docs
 
     p = sub.add_parser(
         "finetune",
@@ -59,21 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_address_arg(p)
     group = p.add_argument_group("finetune config (see FinetuneConfig)")
-    hints = typing.get_type_hints(FinetuneConfig)
-    docs = field_docs(FinetuneConfig)
-    for f in dataclasses.fields(FinetuneConfig):
-        if f.name in OWN_FLAGS:
-            continue
-        types = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not None]
-        kind = types[0] if types[0] in (int, float, str, bool) else str
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "metavar": f.name.upper()}
-        kwargs["type"] = _parse_bool if kind is bool else kind
-        if f.name == "backbone":
-            kwargs["choices"] = list(BACKBONES)
-            kwargs.pop("metavar")
-        text = docs.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
-        kwargs["help"] = f"{text} (default: {f.default})"
-        group.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
+    keys = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in OWN_FLAGS]
+    add_config_flags(group, (FinetuneConfig,), keys, choices={"backbone": list(BACKBONES)})
     p.set_defaults(run=run)
 
 
@@ -117,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _local(cfg: FinetuneConfig, out: Path, *, resume: bool) -> dict[str, float]:
     from monoray.finetune.loop import train_finetune
-    from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
+    from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
 
     resume_from = None
     if resume and load_checkpoint(out / CHECKPOINTS, with_optimizer=False) is not None:
@@ -145,9 +131,9 @@ def _distributed(cfg: FinetuneConfig, out: Path, args: argparse.Namespace) -> di
 
     from monoray.errors import InputError
     from monoray.finetune.trial import fit_distributed
+    from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
     from monoray.runs.cluster import start_ray
     from monoray.runs.outcome import RunFailedError, check_outcome, write_metrics
-    from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
 
     previous = load_checkpoint(out / CHECKPOINTS, with_optimizer=False)
     if not args.resume and previous is not None:

@@ -16,12 +16,12 @@ from typing import Any
 
 from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
+from monoray.runs.device import check_device
 
 SCHEDULES = ("cosine", "constant")
 """Learning-rate schedules: cosine decay to 0 over the run (after warm-up), or constant."""
 AUGMENTATIONS = ("imagenet", "cifar", "none")
 """Augmentation presets (see `monoray.finetune.data`)."""
-DEVICES = ("auto", "cpu", "cuda")
 DATA_KEYS = ("images", "embeddings", "subset")
 """Keys a sweep takes from its space's `data` section, not from `fixed` / `search`."""
 
@@ -151,9 +151,7 @@ class FinetuneConfig:
         ):
             if value not in options:
                 raise InputError(f"{key} must be one of {', '.join(options)}, got {value!r}")
-        dev = self.device
-        if not (dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        check_device(self.device)
 
     def replace(self, **changes: Any) -> FinetuneConfig:
         """A copy with flat keys changed (validated like `from_dict`)."""

@@ -44,9 +44,10 @@ from monoray.finetune.data import FinetuneData, ImageDataset, build_transform, o
 from monoray.finetune.model import FinetuneModel
 from monoray.metrics import ClassPurityAccumulator, MonoScoreAccumulator, monoscore_summary
 from monoray.metrics.distributed_loss import mono_loss_global, mono_term_for_ddp
+from monoray.runs.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
+from monoray.runs.device import resolve_device
 from monoray.runs.outcome import DivergedError, write_metrics
-from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
-from monoray.train.trainer import epoch_seed, resolve_device
+from monoray.runs.seeding import epoch_seed
 
 log = logging.getLogger(__name__)
 

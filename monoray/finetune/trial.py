@@ -1,4 +1,4 @@
-"""Finetune trials on Ray: the Train worker loop, a `TorchTrainer` launcher, the Tune function trial.
+"""Finetune runs on Ray Train workers: the worker loop and a `TorchTrainer` launcher.
 
 - `worker_loop` is `train_loop_per_worker`: it runs `train_finetune` inside the
   process group Ray Train set up (gloo on CPU, NCCL on GPU), resumes from
@@ -7,16 +7,13 @@
   attaches the epoch's checkpoint; every rank reports, as Train needs). A
   divergence or bad input is returned (`monoray.runs.outcome.failure_report`,
   Train's `Result.return_value`), not raised, so Train does not restart the
-  group to fail again; `finetune_trial` reports it to Tune (one FAILED trial).
+  group to fail again; the Tune trial reports it (one FAILED trial).
 - `fit_distributed` builds and runs the `TorchTrainer` (N workers, checkpoints
   in `storage_path/name`, `FailureConfig(max_failures)` worker-group restarts).
   Ray Train V2 restores a run's checkpoints from storage when the same name
   runs again, so a retried Tune trial continues where its workers stopped.
-- `finetune_trial` is the Tune function trainable: with `workers == 0` it
-  trains in the trial's own process and reports to Tune directly; with
-  `workers >= 1` it runs `fit_distributed` with `TuneReportCallback`, which
-  forwards every epoch's metrics to Tune, then reports the final checkpoint
-  (so the MLflow tracker and Pareto code see it as for SAE trials).
+
+A sweep's Tune trial launches them through `monoray.trials.finetune`.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ from monoray.runs.workers import (
     checkpoint_epoch,
     epoch_report,
     fit_torch_workers,
-    report_to_tune,
     write_status,
 )
 
@@ -134,132 +130,3 @@ def fit_distributed(
         max_failures=max_failures,
         callbacks=callbacks,
     )
-
-
-def finetune_trial(
-    config: dict[str, Any],
-    *,
-    data: dict[str, Any],
-    storage: str,
-    workers: int,
-    cpu_per_worker: float,
-    gpu_per_worker: float,
-    max_failures: int,
-) -> None:
-    """Tune function trainable of a `kind: finetune` space.
-
-    `data` holds the space's data keys (images, embeddings, subset), `storage`
-    the directory of the trials' Train runs.
-    """
-    from ray import tune
-
-    from monoray.sweep.trial import trial_params
-
-    cfg = FinetuneConfig.from_dict({**trial_params(config), **data})
-    if workers == 0:
-        _in_process(cfg)
-        return
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    result = fit_distributed(
-        cfg,
-        workers=workers,
-        storage_path=storage,
-        name=f"trial-{tune.get_context().get_trial_id()}",
-        cpu_per_worker=cpu_per_worker,
-        gpu_per_worker=gpu_per_worker,
-        max_failures=max_failures,
-        callbacks=[TuneReportCallback()],
-    )
-    report_to_tune(result)
-
-
-def _in_process(cfg: FinetuneConfig) -> None:
-    from ray import tune
-
-    from monoray.finetune.loop import train_finetune
-    from monoray.runs.outcome import DivergedError, failure_report
-    from monoray.sweep.restore import restore_checkpoint
-    from monoray.sweep.trial import scratch_dir
-
-    work = scratch_dir()
-    # Retry after a crash: continue from the newest intact checkpoint Tune persisted.
-    resume_from, resumed = restore_checkpoint(work / "restored")
-
-    def on_epoch(epoch: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        report = epoch_report(epoch, metrics, checkpoint_dir, resumed)
-        assert checkpoint_dir is not None  # a single process is rank 0
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
-
-    try:
-        train_finetune(cfg, out_dir=work / "run", resume_from=resume_from, on_epoch=on_epoch)
-    except DivergedError as err:
-        tune.report(failure_report(err, rank=0))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-DRIVER_CPU = 1.0
-"""CPUs the Tune trial function holds while its Train workers run (it only waits and relays)."""
-
-
-def space_data(space: Any) -> dict[str, Any]:
-    """The finetune config keys a space's `data` section sets (images, embeddings, subset)."""
-    return {
-        "images": space.data.features,
-        "embeddings": space.data.embeddings,
-        "subset": space.data.subset,
-    }
-
-
-def check_finetune_space(space: Any) -> None:
-    """Fail before anything starts: every extreme search point builds, and the data opens."""
-    from monoray.errors import InputError
-    from monoray.finetune.backbones import CACHE
-    from monoray.finetune.data import open_finetune_data
-    from monoray.sweep.space import check_extreme_points
-
-    data = space_data(space)
-    if space.data.val_features is not None:
-        raise InputError(
-            f"{space.path}: data.val_features: finetune spaces take their val split from "
-            "data.features (digits split, CIFAR test split, ImageFolder val/)"
-        )
-    weights = space.fixed.get("weights")
-    if isinstance(weights, str) and weights != CACHE and not Path(weights).is_absolute():
-        raise InputError(
-            f"{space.path}: fixed.weights: {weights} is relative; trials run in their own "
-            "directories: give an absolute path (or --set fixed.weights=PATH) or 'cache'"
-        )
-    check_extreme_points(space, lambda params: FinetuneConfig.from_dict({**params, **data}))
-    open_finetune_data(data["images"], data["embeddings"], subset=data["subset"])
-
-
-def trial_demand(space: Any) -> tuple[float, float]:
-    """(CPUs, GPUs) one trial of the space occupies: its workers plus the trial function."""
-    r = space.resources
-    if r.workers == 0:
-        return r.cpu, r.gpu
-    return DRIVER_CPU + r.workers * r.cpu, r.workers * r.gpu
-
-
-def finetune_trainable(space: Any, *, storage: Path) -> Any:
-    """The Tune trainable of a finetune space, with its resources.
-
-    `resources.cpu` / `gpu` are per Train worker when `resources.workers >= 1`
-    (the trial function then holds `DRIVER_CPU`), per trial otherwise.
-    """
-    from ray import tune
-
-    r = space.resources
-    fn = tune.with_parameters(
-        finetune_trial,
-        data=space_data(space),
-        storage=str(storage),
-        workers=r.workers,
-        cpu_per_worker=r.cpu,
-        gpu_per_worker=r.gpu,
-        max_failures=space.budget.max_failures,
-    )
-    own = {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 0 else {"cpu": DRIVER_CPU, "gpu": 0}
-    return tune.with_resources(fn, own)

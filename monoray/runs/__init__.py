@@ -1,2 +1,4 @@
 """What every run shares, whatever executes it (one process, Ray Train workers, a Tune trial):
-joining or starting Ray (`monoray.runs.cluster`) and how a run ends (`monoray.runs.outcome`)."""
+checkpoints (`checkpoint`), seeds (`seeding`), the device (`device`), atomic files (`files`),
+joining or starting Ray (`cluster`), Train launch and reports (`workers`) and how a run
+ends (`outcome`)."""

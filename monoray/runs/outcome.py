@@ -45,9 +45,13 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monoray.errors import InputError
+from monoray.runs.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DIVERGED_EXIT = 3
 """Exit code of a run that diverged (bad input is 2, an interrupt 130)."""
@@ -55,6 +59,8 @@ FAILED_EXIT = 1
 """Exit code of a run whose worker failed for another reason (`RunFailedError`)."""
 METRICS_FILE = "metrics.json"
 """The final metrics of a run, in its out dir."""
+PROFILE_FILE = "monoscore_profile.png"
+"""The MonoScore profile plot of an SAE run, in its out dir."""
 DIVERGED_HINT = "lower --lr"
 """What the one-line divergence message suggests."""
 
@@ -92,8 +98,6 @@ def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> Path:
     `train_finetune` return it, a multi-worker driver reads it from the final
     checkpoint), so the file has the same keys in process and on W workers.
     """
-    from monoray.data.store import atomic_write_bytes
-
     path = Path(out_dir) / METRICS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(json_metrics(metrics), indent=1, sort_keys=True).encode())
@@ -146,3 +150,14 @@ def check_outcome(report: Mapping[str, Any] | None, error: BaseException | None)
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def write_outputs(out_dir: Path, metrics: dict[str, float], monoscore: np.ndarray | None) -> None:
+    """Write `metrics.json` (finite metrics only) and, given per-latent MonoScores, their profile PNG."""
+    write_metrics(out_dir, metrics)
+    if monoscore is not None:
+        from monoray.plots import (
+            plot_monoscore_profile,  # matplotlib: only runs that plot pay for it
+        )
+
+        plot_monoscore_profile(monoscore, out_dir / PROFILE_FILE)

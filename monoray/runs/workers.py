@@ -2,7 +2,7 @@
 MonoScore profile in each checkpoint, worker status files and the `TorchTrainer` launch.
 
 SAE workers (`monoray.train.workers`), finetune workers (`monoray.finetune.trial`)
-and the in-process Tune trials (`monoray.sweep.trial`) report and launch through
+and the Tune trials (`monoray.trials.tune`) report and launch through
 these, so a trial looks the same to the tracker and the Pareto code whatever ran it.
 """
 
@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from monoray.runs.files import atomic_write_bytes
 
 PROFILE_JSON = "monoscore_profile.json"
 """Per-latent sorted MonoScore, written into each reported checkpoint (read by the Pareto plots)."""
@@ -47,8 +49,6 @@ def write_status(status_dir: str | Path | None, rank: int, **fields: Any) -> Non
     and the epoch it resumed from (for operators and fault tests)."""
     if status_dir is None:
         return
-    from monoray.data.store import atomic_write_bytes
-
     Path(status_dir).mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "pid": os.getpid(), **fields}
     atomic_write_bytes(Path(status_dir) / f"rank-{rank}.json", json.dumps(record).encode())

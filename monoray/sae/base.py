@@ -19,7 +19,7 @@ change a parameter or buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,10 @@ class SAEOutput:
 
 class SparseAutoencoder(nn.Module):
     """Base of every architecture: linear encoder/decoder with unit-norm decoder rows."""
+
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset()
+    """`SAEConfig` fields this architecture reads beyond `config.COMMON_KEYS`: its loss terms
+    and options. Any other field set away from its default is refused (`check_used_keys`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

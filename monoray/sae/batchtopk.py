@@ -21,6 +21,8 @@ from monoray.sae.topk import TopKFamily
 class BatchTopKSAE(TopKFamily):
     """k * batch largest ReLU activations per training batch; threshold at inference."""
 
+    CONFIG_KEYS = TopKFamily.CONFIG_KEYS | {"threshold_ema"}
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
 from monoray.metrics.loss import PRECISIONS, Precision
 
@@ -32,6 +33,12 @@ Impl = Literal["auto", "sparse", "dense"]
 IMPLS: tuple[str, ...] = typing.get_args(Impl)
 
 SCHEMA_VERSION = 1
+
+COMMON_KEYS = frozenset(
+    {"arch", "d_in", "d_sae", "mono_coef", "mono_eps", "mono_precision", "recon_loss", "impl"}
+    | {"seed", "schema_version"}
+)
+"""Fields every architecture reads: shape, MonoLoss, reconstruction loss, implementation, init."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +96,8 @@ class SAEConfig:
     5% of the latents fire; on CUDA auto is dense (a guess, not measured: GEMMs are cheap
     there and the sparse path syncs the host). Both give the same loss and gradients."""
     seed: int = 42
-    """Seeds the weight initialisation."""
+    """The run's one seed (the paper's 42): the weight initialisation and, with the epoch
+    number, every epoch's shuffle and sampling (`TrainConfig.seed` reads it)."""
     schema_version: int = SCHEMA_VERSION
     """Version of this record's layout; `config_from_dict` rejects other versions."""
 
@@ -171,48 +179,17 @@ def config_to_dict(cfg: SAEConfig) -> dict[str, Any]:
     return d
 
 
-def config_from_dict(d: dict[str, Any]) -> SAEConfig:
-    """Build an `SAEConfig`; an unknown key raises `InputError` naming it and the allowed keys.
+def parse_config(d: dict[str, Any]) -> SAEConfig:
+    """Build an `SAEConfig`; an unknown key raises `InputError` naming it (did-you-mean hint).
 
     Numbers given as strings ("1e-4", as YAML writes them) or as floats with an
-    integer value are converted to the field's type.
+    integer value are converted to the field's type (`monoray.configs.coerce`).
     """
-    fields = {f.name for f in dataclasses.fields(SAEConfig)}
-    for key in d:
-        if key not in fields:
-            raise InputError(
-                f"unknown SAE config key {key!r}; allowed: {', '.join(sorted(fields))}"
-            )
+    fields = tuple(f.name for f in dataclasses.fields(SAEConfig))
+    reject_unknown_keys(d, fields, "SAE config")
     hints = typing.get_type_hints(SAEConfig)
-    kwargs = {key: _coerce(key, value, hints[key]) for key, value in d.items()}
+    kwargs = {key: coerce(key, value, hints[key]) for key, value in d.items()}
     for key in ("arch", "d_in"):
         if key not in kwargs:
             raise InputError(f"SAE config needs {key!r}")
     return SAEConfig(**kwargs)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    args = set(typing.get_args(hint))
-    if hint is int or (args and int in args and float not in args and tuple not in args):
-        return _to_int(key, value)
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise InputError(f"{key} must be a number, got {value!r}") from None
-        return value
-    if key == "matryoshka_prefixes" and isinstance(value, list | tuple):
-        return tuple(_to_int(key, v) for v in value)
-    return value
-
-
-def _to_int(key: str, value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise InputError(f"{key} must be an int, got {value!r}") from None
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value

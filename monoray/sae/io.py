@@ -14,11 +14,13 @@ safetensors only; a missing, damaged or foreign file is one `InputError` line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,7 @@ from torch import Tensor
 
 from monoray.data.store import atomic_write_bytes, sha256_file
 from monoray.errors import InputError
-from monoray.sae import SparseAutoencoder, build_sae
-from monoray.sae.config import config_from_dict, config_to_dict
+from monoray.sae import SparseAutoencoder, build_sae, config_from_dict, config_to_dict
 from monoray.sae.inputs import NORMALIZE, normalize_inputs
 
 ARTIFACT_FORMAT = "monoray-sae"
@@ -154,26 +155,32 @@ def download(uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a bar on stderr per download
+    # MLflow resolves models:/ through the registry and tracking URIs of its environment
+    # (`tracking_uri` alone leaves a stray ./mlflow.db), and draws a bar on stderr.
+    env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     if tracking_uri is not None:
-        # MLflow resolves `models:/name@alias` through the global registry URI whatever
-        # `registry_uri` says; a project's registry lives in its tracking store.
-        env["MLFLOW_REGISTRY_URI"] = tracking_uri
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+        env |= {"MLFLOW_REGISTRY_URI": tracking_uri, "MLFLOW_TRACKING_URI": tracking_uri}
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
+        with _environ(env):
+            local = mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri
             )
-        )
     except (MlflowException, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{uri}: cannot download the SAE artifact ({first})") from None
+    return Path(local)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for key, value in before.items():
             if value is None:
-                del os.environ[key]
+                os.environ.pop(key, None)
             else:
                 os.environ[key] = value
 

@@ -75,6 +75,10 @@ def step(z: Tensor, log_theta: Tensor, bandwidth: float) -> Tensor:
 class JumpReLUSAE(ElementwiseSAE):
     """JumpReLU latents; sparsity = mean over the batch of the number of firing latents."""
 
+    CONFIG_KEYS = frozenset(
+        {"jumprelu_bandwidth", "jumprelu_sparsity_coef", "jumprelu_init_threshold"}
+    )
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.sparsity_coef = cfg.jumprelu_sparsity_coef

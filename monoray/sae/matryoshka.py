@@ -19,6 +19,8 @@ from monoray.sae.sparse import Pattern, decode_at
 class MatryoshkaSAE(BatchTopKSAE):
     """BatchTopK with a summed reconstruction loss over nested latent prefixes."""
 
+    CONFIG_KEYS = BatchTopKSAE.CONFIG_KEYS | {"matryoshka_prefixes"}
+
     def _recon_sparse(
         self, x: Tensor, acts: Tensor, pattern: Pattern
     ) -> tuple[Tensor, dict[str, object]]:

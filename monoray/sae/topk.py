@@ -25,6 +25,8 @@ from monoray.sae.sparse import Pattern, SparseLatents, decode_at, topk_rows
 class TopKFamily(SparseAutoencoder):
     """Shared training step of the fixed-budget architectures (sparse and dense paths)."""
 
+    CONFIG_KEYS = frozenset({"k", "aux_k", "aux_coef", "dead_steps_threshold"})  # AuxK
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.register_buffer("steps_since_fired", torch.zeros(cfg.d_sae, dtype=torch.int64))
@@ -114,6 +116,8 @@ class TopKFamily(SparseAutoencoder):
 
 class TopKSAE(TopKFamily):
     """k largest pre-activations per sample, then ReLU (Makhzani & Frey; Gao et al.)."""
+
+    CONFIG_KEYS = TopKFamily.CONFIG_KEYS | {"dead_reinit_steps"}
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

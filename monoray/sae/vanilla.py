@@ -12,6 +12,8 @@ from monoray.sae.sparse import Pattern, SparseLatents
 class VanillaSAE(ElementwiseSAE):
     """a = ReLU(pre); sparsity = mean over the batch of Σ_j a_j (decoder rows are unit norm)."""
 
+    CONFIG_KEYS = frozenset({"l1_coef"})
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.sparsity_coef = cfg.l1_coef

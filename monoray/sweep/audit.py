@@ -43,6 +43,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from monoray.errors import InputError
+from monoray.runs.checkpoint import read_checkpoint_dir
 from monoray.sweep.paths import ProjectPaths
 from monoray.sweep.search import STOPPED_VALUES_ATTR, TRIAL_KEY, redact, storage_for
 from monoray.sweep.tracking import (
@@ -54,7 +55,6 @@ from monoray.sweep.tracking import (
     find_parent,
     trial_runs,
 )
-from monoray.train.checkpoint import read_checkpoint_dir
 
 ProblemKind = Literal["lost", "duplicate", "running", "mismatch", "damaged"]
 _TUNE_CHECKPOINT = re.compile(r"^checkpoint_(\d{6,})$")

@@ -43,10 +43,9 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from monoray.configs import field_defaults
+from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, STOPPED_KEY, verdicts
 from monoray.sweep.space import Constraint, Objective, SweepSpace
-
-STOPPED_KEY = "monoray_stopped"
-"""Result key of a stopped trial's last result: where and why it stopped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,8 +271,6 @@ class MoAshaRecorder(Callback):
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore the rung tables, then every verdict the study holds: Optuna heard of
         a stop at once, Tune's snapshot (and this state with it) may be older."""
-        from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, verdicts
-
         self.scheduler.set_state(state)
         for trial_id, attrs in verdicts(self.study_name, self.storage_url).items():
             stop = (int(attrs[STOPPED_EPOCH_ATTR]), str(attrs[STOPPED_ATTR]))
@@ -296,18 +293,7 @@ def build_scheduler(
         space.constraints,
         grace_epochs=s.grace_epochs,
         reduction_factor=s.reduction_factor,
-        default_epochs=_default_epochs(space.kind),
+        default_epochs=field_defaults(space.trial_kind.config)["epochs"],
     )
     recorder = MoAshaRecorder(scheduler, exp_dir / RUNGS_FILE, study_name, storage_url)
     return scheduler, [recorder]
-
-
-def _default_epochs(kind: str) -> int:
-    """A trial's epochs when the space leaves `epochs` to the config's default."""
-    from dataclasses import fields
-
-    if kind == "finetune":
-        from monoray.finetune.config import FinetuneConfig as Config
-    else:
-        from monoray.train.config import TrainConfig as Config  # type: ignore[assignment]
-    return next(f.default for f in fields(Config) if f.name == "epochs")

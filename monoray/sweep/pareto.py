@@ -229,8 +229,8 @@ def publish_front_saes(
     """Each front trial's SAE (from the checkpoint in its run) as a logged model, with its
     activating samples; returns trial number -> model id."""
     from monoray.data import DataSource, load_source
+    from monoray.runs.checkpoint import load_checkpoint
     from monoray.train.artifact import sae_of_checkpoint
-    from monoray.train.checkpoint import load_checkpoint
 
     data: dict[str, Any] = {}
     models = {}

@@ -23,8 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from monoray.sweep.moasha import STOPPED_KEY
-from monoray.sweep.search import TRIAL_KEY, failure_reason
+from monoray.sweep.search import STOPPED_KEY, TRIAL_KEY, failure_reason
 from monoray.sweep.space import Constraint
 from monoray.sweep.tracking import error_line
 

@@ -1,7 +1,8 @@
 """Run a sweep: Ray Tune + OptunaSearch over an RDB study, tracked in MLflow.
 
-    space (YAML) -> features (once, into the object store) -> Tuner(sae_trial,
-    MonorayOptunaSearch, MlflowTracker) -> Pareto front -> MLflow artifacts
+    space (YAML) -> the kind's pre-flight (SAE: features, once, into the object store)
+    -> Tuner(the kind's trainable, MonorayOptunaSearch, MlflowTracker) -> Pareto front
+    -> MLflow artifacts
 
 Resume (`--resume`) restores the Tune experiment, the searcher and the study;
 Optuna trials the driver handed out but Tune never saved go back to WAITING and
@@ -15,13 +16,12 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import optuna
 import ray
 from ray import tune
 
-from monoray.data import FeatureSplits, load_features
+from monoray.data import FeatureSplits
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
 from monoray.runs.verbosity import tune_verbose
@@ -37,9 +37,8 @@ from monoray.sweep.search import (
     release_orphans,
     storage_for,
 )
-from monoray.sweep.space import Data, SweepSpace, check_extreme_points
+from monoray.sweep.space import SweepSpace
 from monoray.sweep.tracking import MlflowTracker, artifact_root_for
-from monoray.sweep.trial import sae_trial
 from monoray.sweep.views import dataset_inputs
 
 DRY_RUN_SAMPLES = 256
@@ -91,48 +90,9 @@ def dry_run_space(space: SweepSpace) -> SweepSpace:
     )
 
 
-def load_splits(data: Data) -> FeatureSplits:
-    splits = load_features(data.features, val_source=data.val_features, zero_rows=data.zero_rows)
-    return splits if data.subset is None else splits.head(data.subset)
-
-
-def check_trial_config(space: SweepSpace, splits: FeatureSplits) -> None:
-    """Fail before anything starts if the fixed params plus any extreme point do not build."""
-    from monoray.train.config import TrainConfig
-
-    dim = splits.train.dim
-    workers = space.resources.workers
-
-    def build(params: dict[str, Any]) -> TrainConfig:
-        cfg = TrainConfig.from_dict({**params, "d_in": dim})
-        if workers >= 2:
-            from monoray.train.workers import check_workers
-
-            where = f"data.features {space.data.features}"
-            check_workers(
-                cfg,
-                len(splits.train),
-                workers=workers,
-                gpu_per_worker=space.resources.gpu,
-                where=where,
-            )
-        return cfg
-
-    check_extreme_points(space, build)
-
-
 def check_resources(space: SweepSpace) -> None:
     total = ray.cluster_resources()
-    demand = (space.resources.cpu, space.resources.gpu)
-    if space.kind == "finetune":
-        from monoray.finetune.trial import trial_demand
-
-        demand = trial_demand(space)  # Train workers plus the trial function
-    elif space.resources.workers >= 2:
-        from monoray.train.workers import DRIVER_CPU
-
-        r = space.resources
-        demand = (DRIVER_CPU + r.workers * r.cpu, r.workers * r.gpu)
+    demand = space.trial_kind.demand(space)  # with Train workers: theirs plus the trial function
     for key, wanted in zip(("cpu", "gpu"), demand, strict=True):
         have = float(total.get(key.upper(), 0.0))
         if wanted > have:
@@ -169,14 +129,8 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             "or --name to start another"
         )
 
-    splits = None
-    if space.kind == "finetune":
-        from monoray.finetune.trial import check_finetune_space, finetune_trainable
-
-        check_finetune_space(space)
-    else:
-        splits = load_splits(space.data)
-        check_trial_config(space, splits)
+    kind = space.trial_kind
+    prepared = kind.preflight(space)  # bad input fails here, before Ray or any record
     start_ray(opts.address)  # an unreachable cluster fails here, before anything is created
     paths.ensure()
     storage_url = opts.storage or paths.optuna_url
@@ -198,7 +152,8 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         metrics=space.metric_names,
         artifact_root=artifact_root_for(tracking_uri, paths.artifacts),
         storage_url=storage_url,
-        datasets=None if splits is None else dataset_inputs(splits),
+        # An SAE kind's pre-flight hands over the loaded splits: they are every run's input.
+        datasets=dataset_inputs(prepared) if isinstance(prepared, FeatureSplits) else None,
     )
     progress = SweepProgress(
         space.budget.num_samples,
@@ -207,19 +162,8 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         space.constraints,
         enabled=opts.progress,
     )
-    if splits is None:  # kind: finetune; Train runs persist next to the Tune trials
-        trainable = finetune_trainable(space, storage=exp_dir / "train-runs")
-    elif space.resources.workers >= 2:  # Train workers open the data themselves
-        from monoray.train.workers import sae_workers_trainable
-
-        trainable = sae_workers_trainable(
-            space, d_in=splits.train.dim, storage=exp_dir / "train-runs"
-        )
-    else:
-        trainable = tune.with_resources(
-            tune.with_parameters(sae_trial, splits=splits),
-            {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
-        )
+    # Train runs (trials on Ray Train workers) persist next to the Tune trials.
+    trainable = kind.trainable(space, prepared, exp_dir / "train-runs")
 
     if opts.resume:
         tracker.open_parent()

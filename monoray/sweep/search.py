@@ -20,12 +20,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
 from monoray.runs.verbosity import optuna_level
-from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.space import Param, SweepSpace, grid_points
 
 BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
 FAIL_ATTR = "fail_reason"
+STOPPED_KEY = "monoray_stopped"
+"""Result key of a stopped trial's last result: where and why it stopped."""
 STOPPED_ATTR = "stopped"
 """User attrs of a PRUNED trial: where and why it stopped, and its objectives there."""
 STOPPED_VALUES_ATTR = "stopped_values"

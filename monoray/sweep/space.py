@@ -13,36 +13,29 @@ YAML is read with `yaml.safe_load`: a space cannot construct Python objects.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from monoray.configs import closest, field_defaults
 from monoray.errors import InputError
-from monoray.train.evaluate import VAL_KEYS
+from monoray.trials import KINDS, TrialKind
 
-Kind = Literal["sae", "finetune"]
 ParamType = Literal["loguniform", "uniform", "int", "categorical"]
 SamplerType = Literal["tpe", "nsga2", "gp", "random", "grid"]
 SchedulerType = Literal["fifo", "mo_asha"]
 Mode = Literal["max", "min"]
 
-KINDS = ("sae", "finetune")
 PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 SCHEDULERS = ("fifo", "mo_asha")
 MODES = ("max", "min")
-DEFAULT_OBJECTIVES = (("r2", "max"), ("monoscore_mean", "max"))
-DEFAULT_FINETUNE_OBJECTIVES = (("accuracy", "max"), ("monoscore_mean", "max"))
-# Metrics a trial reports (val split, last epoch) that objectives/constraints may name.
-SAE_METRICS = VAL_KEYS
-FINETUNE_METRICS = ("accuracy", "top5", "monoscore_mean", "monoscore_mean_active", "purity_binary")
 _MAX_INT_FLOAT = 2**1023
 """Larger YAML integers do not convert to a float."""
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
@@ -152,7 +145,8 @@ class Data:
 class SweepSpace:
     path: Path
     name: str
-    kind: Kind
+    kind: str
+    """A name in `monoray.trials.KINDS`."""
     data: Data
     fixed: dict[str, Any]
     search: tuple[Param, ...]
@@ -164,6 +158,13 @@ class SweepSpace:
     baseline: Baseline
     description: str = ""
     scheduler: Scheduler = Scheduler()
+
+    @property
+    def trial_kind(self) -> TrialKind:
+        return KINDS[self.kind]
+
+    def extreme_points(self) -> Iterator[dict[str, Any]]:
+        return extreme_points(self)
 
     @property
     def metric_names(self) -> list[str]:
@@ -219,8 +220,8 @@ class _Reader:
         for k in value:
             if allowed is not None and k not in allowed:
                 where = k if key == TOP else f"{key}.{k}"
-                near = difflib.get_close_matches(str(k), sorted(allowed), n=1, cutoff=0.5)
-                hint = f"did you mean {near[0]!r}? " if near else ""
+                near = closest(k, allowed, cutoff=0.5)
+                hint = f"did you mean {near!r}? " if near else ""
                 raise InputError(
                     f"{self.file}: {where}: unknown key ({hint}expected one of "
                     f"{', '.join(sorted(allowed))})"
@@ -316,10 +317,10 @@ def _constraint(r: _Reader, index: int, raw: Any, metrics: tuple[str, ...]) -> C
     return Constraint(metric, op, value)  # type: ignore[arg-type]
 
 
-def _objectives(r: _Reader, raw: Any, metrics: tuple[str, ...]) -> tuple[Objective, ...]:
+def _objectives(r: _Reader, raw: Any, kind: TrialKind) -> tuple[Objective, ...]:
+    metrics = kind.metrics
     if raw is None:
-        default = DEFAULT_FINETUNE_OBJECTIVES if metrics == FINETUNE_METRICS else DEFAULT_OBJECTIVES
-        return tuple(Objective(m, mode) for m, mode in default)  # type: ignore[arg-type]
+        return tuple(Objective(m, mode) for m, mode in kind.objectives)  # type: ignore[arg-type]
     if not isinstance(raw, list) or not raw:
         raise r.fail("objectives", "a non-empty list of {metric, mode}", raw)
     out = []
@@ -384,8 +385,10 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     r.mapping(doc, TOP, TOP_KEYS)
     from_command_line = {item.partition("=")[0].strip() for item in overrides or []}
 
-    kind = r.choice(doc.get("kind", "sae"), "kind", KINDS)
-    metrics = SAE_METRICS if kind == "sae" else FINETUNE_METRICS
+    defaults = {cls: field_defaults(cls) for cls in (Data, Sampler, Scheduler, Budget, Resources)}
+    kind = r.choice(doc.get("kind", "sae"), "kind", tuple(KINDS))
+    trial_kind = KINDS[kind]
+    metrics = trial_kind.metrics
     name = doc.get("name") or file.stem
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise r.fail("name", "letters, digits, '.', '_' or '-'", name)
@@ -393,7 +396,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     data_raw = r.mapping(
         doc.get("data"), "data", {"features", "val_features", "subset", "embeddings", "zero_rows"}
     )
-    features = data_raw.get("features", "digits")
+    features = data_raw.get("features", defaults[Data]["features"])
     if not isinstance(features, str) or not features:
         raise r.fail("data.features", "'digits' or a path", features)
     val_features = data_raw.get("val_features")
@@ -409,7 +412,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         else None,
         subset=subset,
         embeddings=_embeddings(r, kind, data_raw.get("embeddings"), from_command_line),
-        zero_rows=_zero_rows(r, kind, data_raw.get("zero_rows", "keep")),
+        zero_rows=_zero_rows(r, kind, data_raw.get("zero_rows", defaults[Data]["zero_rows"])),
     )
 
     fixed = r.mapping(doc.get("fixed"), "fixed", None)
@@ -426,7 +429,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
                     f"search.{p.name}.when.{other}", "a searched parameter listed above it"
                 )
 
-    objectives = _objectives(r, doc.get("objectives"), metrics)
+    objectives = _objectives(r, doc.get("objectives"), trial_kind)
     constraints_raw = doc.get("constraints") or []
     if not isinstance(constraints_raw, list):
         raise r.fail(
@@ -438,36 +441,58 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         doc.get("sampler"), "sampler", {"type", "seed", "population_size", "n_startup_trials"}
     )
     sampler = Sampler(
-        type=r.choice(s.get("type", "tpe"), "sampler.type", SAMPLERS),
-        seed=r.integer(s.get("seed", 42), "sampler.seed", minimum=0),
+        type=r.choice(s.get("type", defaults[Sampler]["type"]), "sampler.type", SAMPLERS),
+        seed=r.integer(s.get("seed", defaults[Sampler]["seed"]), "sampler.seed", minimum=0),
         population_size=r.integer(
-            s.get("population_size", 8), "sampler.population_size", minimum=2
+            s.get("population_size", defaults[Sampler]["population_size"]),
+            "sampler.population_size",
+            minimum=2,
         ),
         n_startup_trials=r.integer(
-            s.get("n_startup_trials", 4), "sampler.n_startup_trials", minimum=0
+            s.get("n_startup_trials", defaults[Sampler]["n_startup_trials"]),
+            "sampler.n_startup_trials",
+            minimum=0,
         ),
     )
     sch = r.mapping(doc.get("scheduler"), "scheduler", {"type", "grace_epochs", "reduction_factor"})
     scheduler = Scheduler(
-        type=r.choice(sch.get("type", "fifo"), "scheduler.type", SCHEDULERS),
-        grace_epochs=r.integer(sch.get("grace_epochs", 1), "scheduler.grace_epochs", minimum=1),
+        type=r.choice(sch.get("type", defaults[Scheduler]["type"]), "scheduler.type", SCHEDULERS),
+        grace_epochs=r.integer(
+            sch.get("grace_epochs", defaults[Scheduler]["grace_epochs"]),
+            "scheduler.grace_epochs",
+            minimum=1,
+        ),
         reduction_factor=r.integer(
-            sch.get("reduction_factor", 3), "scheduler.reduction_factor", minimum=2
+            sch.get("reduction_factor", defaults[Scheduler]["reduction_factor"]),
+            "scheduler.reduction_factor",
+            minimum=2,
         ),
     )
     if scheduler.type == "fifo" and set(sch) - {"type"}:
         raise r.fail("scheduler", "no grace_epochs/reduction_factor with type fifo (no stopping)")
     b = r.mapping(doc.get("budget"), "budget", {"num_samples", "max_concurrent", "max_failures"})
     budget = Budget(
-        num_samples=r.integer(b.get("num_samples", 8), "budget.num_samples", minimum=1),
-        max_concurrent=r.integer(b.get("max_concurrent", 2), "budget.max_concurrent", minimum=1),
-        max_failures=r.integer(b.get("max_failures", 3), "budget.max_failures", minimum=0),
+        num_samples=r.integer(
+            b.get("num_samples", defaults[Budget]["num_samples"]), "budget.num_samples", minimum=1
+        ),
+        max_concurrent=r.integer(
+            b.get("max_concurrent", defaults[Budget]["max_concurrent"]),
+            "budget.max_concurrent",
+            minimum=1,
+        ),
+        max_failures=r.integer(
+            b.get("max_failures", defaults[Budget]["max_failures"]),
+            "budget.max_failures",
+            minimum=0,
+        ),
     )
     res = r.mapping(doc.get("resources"), "resources", {"cpu", "gpu", "workers"})
     resources = Resources(
-        cpu=r.number(res.get("cpu", 1), "resources.cpu", positive=True),
-        gpu=_non_negative(r, res.get("gpu", 0), "resources.gpu"),
-        workers=r.integer(res.get("workers", 0), "resources.workers", minimum=0),
+        cpu=r.number(res.get("cpu", defaults[Resources]["cpu"]), "resources.cpu", positive=True),
+        gpu=_non_negative(r, res.get("gpu", defaults[Resources]["gpu"]), "resources.gpu"),
+        workers=r.integer(
+            res.get("workers", defaults[Resources]["workers"]), "resources.workers", minimum=0
+        ),
     )
     base = doc.get("baseline", True)
     if isinstance(base, bool):
@@ -562,10 +587,11 @@ def _check_baseline_value(r: _Reader, p: Param, value: Any) -> None:
 
 
 def _embeddings(r: _Reader, kind: str, value: Any, from_command_line: set[str]) -> str | None:
-    """`data.embeddings`: required for finetune spaces (the images' CLIP embeddings), else absent."""
-    if kind != "finetune":
+    """`data.embeddings`: required where the kind takes it (finetune: the images' CLIP
+    embeddings), else absent."""
+    if "embeddings" not in KINDS[kind].data_keys:
         if value is not None:
-            raise r.fail("data.embeddings", "no embeddings for a kind: sae space", value)
+            raise r.fail("data.embeddings", f"no embeddings for a kind: {kind} space", value)
         return None
     if not isinstance(value, str) or not value:
         raise r.fail("data.embeddings", "the path of the images' embedding store", value)
@@ -596,8 +622,8 @@ def _zero_rows(r: _Reader, kind: str, value: Any) -> str:
     """`data.zero_rows`: SAE features only (finetune embeddings keep zero rows at similarity 0)."""
     from monoray.data import ZERO_ROWS
 
-    if kind != "sae" and value != "keep":
-        raise r.fail("data.zero_rows", "no zero_rows for a kind: finetune space", value)
+    if "zero_rows" not in KINDS[kind].data_keys and value != "keep":
+        raise r.fail("data.zero_rows", f"no zero_rows for a kind: {kind} space", value)
     return r.choice(value, "data.zero_rows", ZERO_ROWS)
 
 
@@ -626,9 +652,7 @@ def _data_path(r: _Reader, key: str, value: str, from_command_line: set[str]) ->
 
 def _check_trial_keys(space: SweepSpace) -> None:
     """Fixed and searched names must be keys the trial's config accepts."""
-    from monoray.sweep.trial import config_keys
-
-    allowed = config_keys(space.kind)
+    allowed = space.trial_kind.config_keys()
     for where, names in (("fixed", space.fixed), ("search", [p.name for p in space.search])):
         for name in names:
             if name not in allowed:
@@ -666,16 +690,6 @@ def extreme_points(space: SweepSpace) -> Iterator[dict[str, Any]]:
         if key not in seen:
             seen.add(key)
             yield point
-
-
-def check_extreme_points(space: SweepSpace, build: Callable[[dict[str, Any]], object]) -> None:
-    """`build(fixed + point)` for every extreme point; the first failure as one `InputError`."""
-    for point in extreme_points(space):
-        try:
-            build({**space.fixed, **point})
-        except InputError as err:
-            at = f" (at search point {point})" if point else ""
-            raise InputError(f"{space.path}: {err}{at}") from None
 
 
 def _as_int(p: Param) -> tuple[int, int]:

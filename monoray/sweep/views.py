@@ -83,10 +83,15 @@ def log_activations(client: MlflowClient, run_id: str, art: SAEArtifact, val: Fe
     """What `monoray inspect` shows of the run's SAE: top / middle / bottom activating val
     samples of 5 latents spread over the MonoScore ranking, as an image where the data
     has images, and always as text (sample ids, labels, activations)."""
+    from monoray.errors import InputError
     from monoray.plots import plot_activation_grid
     from monoray.train.inspect_cli import grid_title, latent_panels, panels_text
 
-    panels, _ = latent_panels(art, val, device="cpu", where=f"MLflow run {run_id}")
+    try:
+        panels, _ = latent_panels(art, val, device="cpu", where="this SAE")
+    except InputError as err:  # e.g. no latent fires: say so where the samples would be
+        client.log_text(run_id, f"{err}\n", ACTIVATIONS_TEXT)
+        return
     client.log_text(run_id, panels_text(panels) + "\n", ACTIVATIONS_TEXT)
     if val.images is not None:
         fig = plot_activation_grid(panels, title=grid_title(art))

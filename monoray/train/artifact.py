@@ -12,7 +12,8 @@ from typing import Any
 
 from monoray.data import StoreHeader
 from monoray.errors import InputError
-from monoray.sae import SparseAutoencoder, build_sae
+from monoray.runs.checkpoint import Checkpoint, load_checkpoint
+from monoray.sae import SparseAutoencoder, build_sae, drop_unused
 from monoray.sae.io import (
     CFG_FILE,
     URI_SCHEMES,
@@ -21,7 +22,6 @@ from monoray.sae.io import (
     read_sae,
     save_sae,
 )
-from monoray.train.checkpoint import Checkpoint, load_checkpoint
 from monoray.train.config import TrainConfig
 
 SAE_DIR = "sae"
@@ -54,7 +54,7 @@ def write_run_sae(
 
 def sae_of_checkpoint(ckpt: Checkpoint, header: StoreHeader | None = None) -> SAEArtifact:
     """The SAE a training checkpoint holds, as an artifact (eval mode, CPU)."""
-    cfg = TrainConfig.from_dict(ckpt.config)
+    cfg = TrainConfig.from_dict(drop_unused(ckpt.config))  # older runs recorded ignored keys
     sae = build_sae(cfg.sae)
     sae.load_state_dict(ckpt.model_state)
     return SAEArtifact(

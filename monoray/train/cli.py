@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from monoray.configs import add_config_flags
 from monoray.errors import InputError
 from monoray.runs.cluster import add_address_arg
 
@@ -40,83 +40,13 @@ CLI_HIDDEN = ("schema_version",)
 """Config keys that are records, not settings: no flag for them."""
 
 
-def _parse_int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """First line of the docstring under each field of a dataclass (from its source)."""
-    import ast
-    import inspect
-    import itertools
-    import textwrap
-
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for node, after in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split()).split(". ")[0].rstrip(".")
-    return docs
-
-
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    import dataclasses
-
-    from monoray.sae import SAEConfig
+    from monoray.sae import ARCH_NAMES, SAEConfig
     from monoray.train.config import TrainConfig
 
-    hints = {**typing.get_type_hints(SAEConfig), **typing.get_type_hints(TrainConfig)}
     group = parser.add_argument_group("training config (flat keys; see TrainConfig / SAEConfig)")
-    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
-    defaults |= {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    docs = {**field_docs(SAEConfig), **field_docs(TrainConfig)}
-    for key in TrainConfig.allowed_keys():
-        if key in CLI_HIDDEN:
-            continue
-        hint = hints.get(key, float)
-        types = [t for t in typing.get_args(hint) or (hint,) if t in (int, float, str, bool)]
-        kind = types[0] if types else str
-        kwargs: dict[str, Any] = {"dest": key, "default": None, "metavar": key.upper()}
-        kwargs["type"] = _parse_bool if kind is bool else kind
-        if typing.get_origin(hint) is tuple or tuple in map(
-            typing.get_origin, typing.get_args(hint)
-        ):
-            kwargs["type"] = _parse_int_list
-        if key == "arch":
-            kwargs["choices"] = _arch_choices()
-            kwargs.pop("metavar")
-        default = defaults.get(key, dataclasses.MISSING)
-        shown = "" if default is dataclasses.MISSING else f" (default: {default})"
-        text = HELP.get(key) or docs.get(key) or key.replace("_", " ")
-        kwargs["help"] = text.replace("%", "%%") + shown
-        group.add_argument(f"--{key.replace('_', '-')}", **kwargs)
-
-
-def _arch_choices() -> list[str]:
-    from monoray.sae import ARCH_NAMES
-
-    return list(ARCH_NAMES)
+    keys = [k for k in TrainConfig.allowed_keys() if k not in CLI_HIDDEN]
+    add_config_flags(group, (SAEConfig, TrainConfig), keys, help=HELP, choices={"arch": ARCH_NAMES})
 
 
 def add_parser(subparsers: Any) -> None:
@@ -209,10 +139,10 @@ def load_report(name: str, splits: FeatureSplits) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from monoray.data import load_features
-    from monoray.runs.outcome import METRICS_FILE
-    from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
+    from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
+    from monoray.runs.outcome import METRICS_FILE, PROFILE_FILE
     from monoray.train.config import TrainConfig
-    from monoray.train.trainer import PROFILE_FILE, train_sae
+    from monoray.train.trainer import train_sae
 
     flat: dict[str, Any] = {}
     data: dict[str, Any] = {
@@ -225,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         ckpt = load_checkpoint(args.out / CHECKPOINTS, with_optimizer=False)
         if ckpt is not None:
-            flat = dict(ckpt.config)
+            from monoray.sae import drop_unused
+
+            flat = drop_unused(ckpt.config)
             data = {**data, **(ckpt.data or {})}
     if args.config is not None:
         flat.update(read_config_file(args.config))

@@ -15,12 +15,10 @@ from typing import Any
 
 from monoray.configs import coerce, reject_unknown_keys
 from monoray.errors import InputError
+from monoray.runs.device import check_device
 from monoray.sae import SAEConfig, config_from_dict, config_to_dict
 from monoray.sae.inputs import NORMALIZE
 from monoray.train.schedule import check_schedule
-
-DEFAULT_SEED = 42
-"""The paper's seed."""
 
 DERIVED_KEYS = ("expansion",)
 """Flat keys that are not fields but set one: `expansion` sets `d_sae = expansion * d_in`."""
@@ -54,14 +52,18 @@ class TrainConfig:
     """Passes over the train split."""
     batch_size: int = 2048
     """Training batch size in samples (the last batch of an epoch may be smaller)."""
-    seed: int = DEFAULT_SEED
-    """Seeds the model init and, with the epoch number, every epoch's shuffle and sampling."""
     device: str = "auto"
     """"auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N"."""
     normalize: str = "unit"
     """Input normalisation before the SAE ("unit" or "none"); MonoScore embeddings stay raw."""
     eval_batch_size: int = 4096
     """Batch size of the per-epoch validation pass (results do not depend on it)."""
+
+    @property
+    def seed(self) -> int:
+        """The run's one seed (`SAEConfig.seed`): the model init and, with the epoch number,
+        every epoch's shuffle and sampling."""
+        return self.sae.seed
 
     # --- flat view -----------------------------------------------------------
     @classmethod
@@ -76,10 +78,8 @@ class TrainConfig:
 
     @classmethod
     def allowed_keys(cls) -> tuple[str, ...]:
-        """Every flat key `from_dict` accepts (`seed` is shared by both parts)."""
-        extra = tuple(k for k in DERIVED_KEYS if k not in cls.sae_keys())
-        sae = tuple(k for k in cls.sae_keys() if k not in cls.own_keys())
-        return sae + cls.own_keys() + extra
+        """Every flat key `from_dict` accepts."""
+        return cls.sae_keys() + cls.own_keys() + DERIVED_KEYS
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict: SAE fields and optimisation fields side by side."""
@@ -102,9 +102,7 @@ class TrainConfig:
         own_hints = typing.get_type_hints(cls)
         own = {k: coerce(k, v, own_hints[k]) for k, v in d.items() if k in cls.own_keys()}
         sae_kwargs = {k: v for k, v in d.items() if k in sae_fields}
-        # One seed per run: it seeds the SAE's init too.
-        sae_kwargs["seed"] = own.get("seed", DEFAULT_SEED)
-        if "expansion" in d and "expansion" not in sae_fields:
+        if "expansion" in d:
             expansion = coerce("expansion", d["expansion"], float)
             d_in = coerce("d_in", d["d_in"], int)
             if expansion <= 0:
@@ -135,11 +133,7 @@ class TrainConfig:
                 f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
             )
         check_schedule(self)
-        dev = self.device
-        if not (
-            dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
-        ):
-            raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        check_device(self.device)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with flat keys changed (validated like `from_dict`)."""

@@ -148,8 +148,8 @@ def latent_panels(
     """A panel per chosen latent (`latents`, else the `top_ranked` best by val MonoScore,
     else 5 spread over the ranking) and the val metrics of the same pass."""
     from monoray.plots import LatentPanel, Sample
+    from monoray.runs.device import resolve_device
     from monoray.train.evaluate import evaluate
-    from monoray.train.trainer import resolve_device
 
     dev = resolve_device(device)
     sae = art.sae.to(dev)

@@ -21,14 +21,16 @@ import numpy as np
 import torch
 
 from monoray.data import DataSource, FeatureSplits
+from monoray.data.types import count_zero_rows
 from monoray.data.validate import check_dim
-from monoray.data.zero_rows import count_zero_rows
 from monoray.errors import InputError
-from monoray.runs.outcome import DivergedError, write_metrics
-from monoray.sae import build_sae
+from monoray.runs.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
+from monoray.runs.device import resolve_device
+from monoray.runs.outcome import DivergedError, write_outputs
+from monoray.runs.seeding import epoch_seed
+from monoray.sae import build_sae, drop_unused
 from monoray.sae.collective import Collective
 from monoray.train.artifact import write_run_sae
-from monoray.train.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, save_checkpoint
 from monoray.train.config import TrainConfig
 from monoray.train.distributed import check_shards
 from monoray.train.evaluate import (
@@ -46,7 +48,6 @@ OnEpoch = Callable[[int, dict[str, Any], Path | None], None]
 """`on_epoch(epoch, metrics, checkpoint_dir)`, called after each epoch's checkpoint is written
 (checkpoint_dir is None on ranks other than 0)."""
 
-PROFILE_FILE = "monoscore_profile.png"
 RESUME_MAY_DIFFER = ("epochs", "device", "eval_batch_size")
 """Config keys a resumed run may change (nothing else may differ from the checkpoint's)."""
 BEFORE_KEY_EXISTED = {"recon_loss": "mse"}
@@ -56,25 +57,11 @@ ON_DEVICE_BYTES = 1 << 30
 """Train splits held in memory and smaller than this are copied to the device once."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> CUDA if available, else CPU; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} asked for, but CUDA is not available here")
-    return torch.device(name)
-
-
 def _blew_up(sae: torch.nn.Module, x: torch.Tensor) -> bool:
     """Non-finite parameters or pre-activations: the inputs were validated on load."""
     with torch.no_grad():
         params = all(bool(torch.isfinite(p).all()) for p in sae.parameters())
         return not (params and bool(torch.isfinite(sae._pre(x)).all()))
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of everything random in epoch `epoch` (1-based) of a run seeded `seed`."""
-    return (seed * 1_000_003 + epoch) % (2**63 - 1)
 
 
 class _Batches:
@@ -143,7 +130,7 @@ def _progress_bar(total: int, done: int, enabled: bool | None) -> _Progress | No
 def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
     # Keys added since: their defaults, unless the old behaviour differs from them.
-    then = TrainConfig.from_dict({**BEFORE_KEY_EXISTED, **ckpt.config}).to_dict()
+    then = TrainConfig.from_dict(drop_unused({**BEFORE_KEY_EXISTED, **ckpt.config})).to_dict()
     may_differ = set(RESUME_MAY_DIFFER) - ({"epochs"} if length_dependent(cfg) else set())
     for key in sorted(set(now) | set(then)):
         if key in may_differ:
@@ -157,15 +144,6 @@ def _check_resume(ckpt: Checkpoint, cfg: TrainConfig) -> None:
 
 def _not_rank0(*_: Any, **__: Any) -> None:
     """Checkpoints are rank 0's: other ranks write nothing."""
-
-
-def write_outputs(out_dir: Path, metrics: dict[str, float], result: EvalResult | None) -> None:
-    """Write `metrics.json` (finite metrics only) and, given a result, the MonoScore profile PNG."""
-    write_metrics(out_dir, metrics)
-    if result is not None:
-        from monoray.plots import plot_monoscore_profile
-
-        plot_monoscore_profile(result.monoscore, out_dir / PROFILE_FILE)
 
 
 def train_sae(
@@ -365,6 +343,6 @@ def train_sae(
         return final
     if last_eval is None and ckpt is not None and "monoscore" in ckpt.eval_tensors:
         last_eval = EvalResult.from_tensors(final, ckpt.eval_tensors)
-    write_outputs(out_dir, final, last_eval)
+    write_outputs(out_dir, final, None if last_eval is None else last_eval.monoscore)
     write_run_sae(out_dir, sae, cfg, splits.header, epoch=int(final["epoch"]), data=data_record)
     return final

@@ -1,4 +1,4 @@
-"""SAE runs on W Ray Train workers: the worker loop, the `TorchTrainer` launcher, the Tune trial.
+"""SAE runs on W Ray Train workers: the worker loop and the `TorchTrainer` launcher.
 
 The model is the finetune multi-worker path (`monoray.finetune.trial`):
 
@@ -11,9 +11,8 @@ The model is the finetune multi-worker path (`monoray.finetune.trial`):
 - `fit_sae_workers` builds and runs the `TorchTrainer` (checkpoints in
   `storage_path/name`; `FailureConfig(max_failures)` restarts the worker
   group from the last checkpoint).
-- `sae_workers_trial` is the Tune function trainable of a `kind: sae` space
-  with `resources.workers >= 2`: one Optuna trial and one MLflow run, fed by
-  `TuneReportCallback` every epoch.
+
+A sweep's Tune trial launches them through `monoray.trials.sae`.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ from typing import Any
 
 from monoray.errors import InputError
 from monoray.train.config import TrainConfig
-
-DRIVER_CPU = 1.0
-"""CPUs the Tune trial function holds while its Train workers run (it only waits and relays)."""
 
 
 def data_spec(
@@ -211,58 +207,6 @@ def fit_sae_workers(
     )
 
 
-def sae_workers_trial(
-    config: dict[str, Any],
-    *,
-    data: dict[str, Any],
-    d_in: int,
-    storage: str,
-    workers: int,
-    cpu_per_worker: float,
-    gpu_per_worker: float,
-    max_failures: int,
-) -> None:
-    """Tune function trainable of a `kind: sae` space with `resources.workers >= 2`."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from monoray.runs.workers import report_to_tune
-    from monoray.sweep.trial import trial_params
-
-    cfg = TrainConfig.from_dict({**trial_params(config), "d_in": d_in})
-    result = fit_sae_workers(
-        cfg,
-        data,
-        workers=workers,
-        storage_path=storage,
-        name=f"trial-{tune.get_context().get_trial_id()}",
-        cpu_per_worker=cpu_per_worker,
-        gpu_per_worker=gpu_per_worker,
-        max_failures=max_failures,
-        callbacks=[TuneReportCallback()],
-    )
-    report_to_tune(result)
-
-
-def sae_workers_trainable(space: Any, *, d_in: int, storage: Path) -> Any:
-    """The Tune trainable of an SAE space with workers; `resources.cpu` / `gpu` are per worker."""
-    from ray import tune
-
-    r = space.resources
-    d = space.data
-    fn = tune.with_parameters(
-        sae_workers_trial,
-        data=data_spec(d.features, d.val_features, subset=d.subset),
-        d_in=d_in,
-        storage=str(storage),
-        workers=r.workers,
-        cpu_per_worker=r.cpu,
-        gpu_per_worker=r.gpu,
-        max_failures=space.budget.max_failures,
-    )
-    return tune.with_resources(fn, {"cpu": DRIVER_CPU, "gpu": 0})
-
-
 def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) -> dict[str, float]:
     """`monoray train --workers W`: the run directory ends as an in-process run's (rank 0
     writes `checkpoints/`, `metrics.json`, the profile and `sae/`), so W' workers or a local run
@@ -270,12 +214,11 @@ def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) 
     (divergence: exit 3, bad input: 2, anything else: 1; one line each)."""
     import ray.train
 
+    from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
     from monoray.runs.cluster import start_ray
-    from monoray.runs.outcome import METRICS_FILE, RunFailedError, check_outcome
+    from monoray.runs.outcome import METRICS_FILE, RunFailedError, check_outcome, write_outputs
     from monoray.train.artifact import sae_of_checkpoint, write_run_sae
-    from monoray.train.checkpoint import CHECKPOINTS, load_checkpoint
     from monoray.train.evaluate import EvalResult
-    from monoray.train.trainer import write_outputs
 
     where = str(data["features"])
     check_workers(
@@ -324,7 +267,7 @@ def run_workers(cfg: TrainConfig, data: dict[str, Any], splits: Any, args: Any) 
         ckpt = load_checkpoint(result.checkpoint.path, with_optimizer=False)
         if ckpt is not None:
             final = ckpt.history[-1]
-            write_outputs(out, final, EvalResult.from_tensors(final, ckpt.eval_tensors))
+            write_outputs(out, final, EvalResult.from_tensors(final, ckpt.eval_tensors).monoscore)
             sae = sae_of_checkpoint(ckpt).sae
             write_run_sae(out, sae, cfg, splits.header, epoch=ckpt.epoch, data=ckpt.data)
     final_ckpt = load_checkpoint(out / CHECKPOINTS, with_optimizer=False)

@@ -20,7 +20,7 @@ import pyarrow.fs
 from ray import tune
 
 from monoray.errors import InputError
-from monoray.train.checkpoint import read_checkpoint_dir
+from monoray.runs.checkpoint import read_checkpoint_dir
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from monoray.data.store import atomic_write_bytes, sha256_file
 from monoray.errors import InputError
+from monoray.runs.files import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 

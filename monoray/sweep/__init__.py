@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune + Optuna over a search space, tracked in MLflow."""
