@@ -5,8 +5,13 @@ URIs, and refuses bad input with one line, exit 2."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
+import string
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +19,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from monoray.cli import main
 from monoray.data import load_features
 from monoray.runs.checkpoint import CHECKPOINTS, load_checkpoint
-from monoray.sae import ARCH_NAMES, build_sae
+from monoray.sae import ARCH_NAMES, build_sae, drop_unused
+from monoray.sae.export import FORMATS
 from monoray.sae.io import CFG_FILE, read_sae
 from monoray.train.artifact import SAE_DIR
 from monoray.train.config import TrainConfig
@@ -40,7 +48,7 @@ def assert_artifact_is_final_checkpoint(run: Path) -> None:
     ckpt = load_checkpoint(run / CHECKPOINTS, with_optimizer=False)
     assert ckpt is not None
     art = read_sae(run / SAE_DIR)
-    cfg = TrainConfig.from_dict(ckpt.config)
+    cfg = TrainConfig.from_dict(drop_unused(ckpt.config))
     assert art.sae.cfg == cfg.sae and art.epoch == ckpt.epoch
     assert art.normalisation.applied == cfg.normalize and art.data == ckpt.data
     state = art.sae.state_dict()
@@ -213,3 +221,27 @@ def test_export_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert main(["export", str(art), "--format", "saelens", "--out", "o"]) == 0
     assert "note:" not in capsys.readouterr().out  # trained on raw rows: nothing to scale
     assert main(["export", str(art), "--format", "saelens", "--out", "o"]) == 0  # again: replaced
+
+
+@settings(max_examples=40)
+@given(
+    source=st.one_of(
+        st.text(alphabet=string.ascii_letters + string.digits + "._,/:-", max_size=14),
+        st.sampled_from(["runs:/", "runs:/x/sae", "models:/m/1", "mlflow-artifacts:/a", "."]),
+    ),
+    fmt=st.sampled_from(FORMATS),
+)
+def test_fuzzed_export_sources_exit_2_and_write_nothing(source, fmt):
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        before = os.getcwd()
+        os.chdir(work)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                code = exit_code(["export", source, "--format", fmt, "--out", "out"])
+        finally:
+            os.chdir(before)
+        lines = err.getvalue().strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err.getvalue(), lines
+        assert lines[0].startswith(("monoray export: error: ", "monoray: error: ")), lines
+        assert list(work.iterdir()) == []

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monoray.errors import InputError
-from monoray.sae import ARCH_NAMES, SAEConfig, SparseAutoencoder, build_sae
+from monoray.sae import ARCH_NAMES, TOPK_FAMILY, SAEConfig, SparseAutoencoder, build_sae
 from monoray.sae.io import (
     CFG_FILE,
     WEIGHTS_FILE,
@@ -31,7 +31,8 @@ UNIT = InputNormalisation(applied="unit", features="none", encoder="digits-pixel
 
 def trained_like(arch: str, d_in: int, d_sae: int, k: int, seed: int) -> SparseAutoencoder:
     """An SAE whose every parameter and buffer moved off its init (as after training)."""
-    sae = build_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=min(k, d_sae), seed=seed))
+    budget = {"k": min(k, d_sae)} if arch in TOPK_FAMILY else {}
+    sae = build_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, seed=seed, **budget))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in sae.parameters():
@@ -193,7 +194,7 @@ def test_a_planted_pickle_is_refused_unopened(tmp_path, artifact):
             return (Path.write_text, (marker, "ran"))
 
     (artifact / WEIGHTS_FILE).write_bytes(pickle.dumps(Payload()))
-    from monoray.data.store import sha256_file
+    from monoray.runs.files import sha256_file
 
     _rewrite(artifact, sha256={WEIGHTS_FILE: sha256_file(artifact / WEIGHTS_FILE)})
     with pytest.raises(InputError, match=f"unreadable {WEIGHTS_FILE}") as err:

@@ -29,9 +29,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from monoray.data.store import atomic_write_bytes, sha256_file
 from monoray.errors import InputError
-from monoray.sae import SparseAutoencoder, build_sae, config_from_dict, config_to_dict
+from monoray.runs.files import atomic_write_bytes, sha256_file
+from monoray.sae import (
+    SparseAutoencoder,
+    build_sae,
+    config_from_dict,
+    config_to_dict,
+    drop_unused,
+)
 from monoray.sae.inputs import NORMALIZE, normalize_inputs
 
 ARTIFACT_FORMAT = "monoray-sae"
@@ -116,7 +122,7 @@ def save_sae(
         "schema_version": ARTIFACT_SCHEMA_VERSION,
         "monoray_version": __version__,
         "architecture": sae.cfg.arch,
-        "sae": config_to_dict(sae.cfg),
+        "sae": drop_unused(config_to_dict(sae.cfg)),  # the fields its architecture reads
         "normalisation": dataclasses.asdict(normalisation),
         "inference_threshold": inference_threshold(sae),
         "epoch": epoch,

@@ -54,7 +54,7 @@ def write_run_sae(
 
 def sae_of_checkpoint(ckpt: Checkpoint, header: StoreHeader | None = None) -> SAEArtifact:
     """The SAE a training checkpoint holds, as an artifact (eval mode, CPU)."""
-    cfg = TrainConfig.from_dict(drop_unused(ckpt.config))  # older runs recorded ignored keys
+    cfg = TrainConfig.from_dict(drop_unused(ckpt.config))
     sae = build_sae(cfg.sae)
     sae.load_state_dict(ckpt.model_state)
     return SAEArtifact(
