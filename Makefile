@@ -23,9 +23,9 @@ lint: setup
 	$(RUN) ruff check monoray tests bench jobs
 	$(RUN) ruff format --check monoray tests bench jobs
 
-# What CI runs (`.ci/run` is `make test`): CI=true and a throwaway PostgreSQL around pytest.
+# What CI runs (`.ci/run` is `make test`): CI=true, a throwaway PostgreSQL and Chromium around pytest.
 # ARGS narrows it, e.g. `make test ARGS=tests/test_postgres.py`.
-WITH_CI := bash .ci/with-postgres.sh
+WITH_CI := bash .ci/with-services.sh
 
 test: lint
 	$(WITH_CI) $(RUN) pytest $(ARGS)

@@ -1,4 +1,4 @@
-# Sourced by .ci/with-postgres.sh (`make test`): a throwaway PostgreSQL for the shared-backend test.
+# Sourced by .ci/with-services.sh (`make test`): a throwaway PostgreSQL for the shared-backend test.
 #   start_postgres   installs PostgreSQL from Debian's packages when absent, starts a cluster
 #                    in a temp dir on 127.0.0.1 and a free port (password auth, no trust), and
 #                    exports MONORAY_TEST_POSTGRES_URL; stop_postgres (run on EXIT) removes it.

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         RunFailedError,
         diverged_line,
     )
+    from monoray.runs.verbosity import configure as configure_output
 
     # Before Ray is imported: under `uv run`, Ray would restart workers with `uv run` in a
     # copy of the working dir (no venv there). Workers must use this interpreter.
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    configure_output(verbose=getattr(args, "verbose", False))  # only Ray commands have --verbose
     try:
         return int(args.run(args) or 0)
     except InputError as err:

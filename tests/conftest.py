@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -64,3 +68,31 @@ def project(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("MONORAY_HOME", str(root))
     return root
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedSweep:
+    """A sweep the CLI ran to the end, as a user runs it (output not a terminal)."""
+
+    root: Path
+    name: str
+    stdout: str
+    stderr: str
+
+
+DEMO_SPACE = Path(__file__).parents[1] / "search_spaces" / "demo.yaml"
+SMALL_DEMO = ["budget.num_samples=4", "fixed.epochs=2", "fixed.d_sae=64", "fixed.batch_size=128"]
+
+
+@pytest.fixture(scope="session")
+def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
+    """A small `monoray sweep search_spaces/demo.yaml` in a throwaway project, once a session."""
+    root = tmp_path_factory.mktemp("finished-demo") / "runs"
+    name = "demo-small"
+    sets = [arg for s in SMALL_DEMO for arg in ("--set", s)]
+    cmd = [sys.executable, "-m", "monoray", "sweep", str(DEMO_SPACE), "--name", name]
+    done = subprocess.run(
+        [*cmd, "--root", str(root), *sets], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return FinishedSweep(root, name, done.stdout, done.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -29,13 +31,30 @@ def test_ci_runs_make_test_and_nothing_else() -> None:
 
 
 @pytest.mark.parametrize("target", ["test", "test-all"])
-def test_make_test_runs_pytest_under_ci_with_postgres(target: str) -> None:
+def test_make_test_runs_pytest_under_ci_with_postgres_and_chromium(target: str) -> None:
     pytest_lines = [ln for ln in make_dry_run(target) if " pytest" in ln]
     assert len(pytest_lines) == 1, pytest_lines
-    assert pytest_lines[0].startswith("bash .ci/with-postgres.sh "), pytest_lines
-    wrapper = (REPO / ".ci" / "with-postgres.sh").read_text()
+    assert pytest_lines[0].startswith("bash .ci/with-services.sh "), pytest_lines
+    wrapper = (REPO / ".ci" / "with-services.sh").read_text()
     assert "export CI=true" in wrapper
     assert wrapper.index("\nstart_postgres\n") < wrapper.rindex('\n"$@"')
+    assert wrapper.index("\nensure_chromium\n") < wrapper.rindex('\n"$@"')
+
+
+def test_ensure_chromium_exports_a_working_browser(tmp_path: Path) -> None:
+    """What CI's wrapper runs: an installed Chromium is found (or installed) and exported."""
+    if not os.environ.get("CI") and not (
+        shutil.which("chromium") or shutil.which("chromium-browser")
+    ):
+        pytest.skip("no Chromium here; outside CI this test does not install it")
+    script = 'source .ci/chromium.sh && ensure_chromium && echo "$MONORAY_TEST_CHROMIUM"'
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    browser = Path(done.stdout.strip().splitlines()[-1])
+    assert browser.is_file(), done.stdout
+    assert "Chromium" in done.stderr, done.stderr
 
 
 def test_every_test_gets_a_timeout(request: pytest.FixtureRequest) -> None:

@@ -158,11 +158,15 @@ def test_pareto_rows_mark_the_baseline_and_each_front_trials_gain(tmp_path: Path
     report = ParetoReport(
         metrics, rows, tmp_path / "p.csv", tmp_path / "p.html", tmp_path / "p.png", "m"
     )
-    header, *lines = report.table().splitlines()
+    header, *lines = report.table(width=None).splitlines()
     assert {"baseline", "front", "vs_baseline", "delta_r2", "delta_monoscore_mean"} <= set(
         header.split()
     )
     assert len(lines) == 3
+    # What the terminal shows: objectives, gains and the baseline first, within the width.
+    header, *lines = report.table(width=70).splitlines()
+    assert header.split() == ["trial", "front", *metrics, "delta_r2", "delta_monoscore_mean"]
+    assert len(lines) == 3 and max(len(ln) for ln in [header, *lines]) <= 70
 
 
 def test_grid_gains_are_over_the_matching_lambda_zero_point(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from monoray.errors import InputError
+from monoray.runs.verbosity import add_verbose_arg, is_verbose, ray_init_defaults
 
 TIMEOUT_ENV = "MONORAY_RAY_CONNECT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 30.0
@@ -30,15 +31,11 @@ ADVICE = (
     "cluster's token (`ray get-auth-token` on the head, RAY_AUTH_MODE=token), "
     "or give no --address (and no RAY_ADDRESS) for a local Ray"
 )
-CLI_DEFAULTS: dict[str, Any] = {
-    "include_dashboard": False,
-    "log_to_driver": False,
-    "configure_logging": False,
-}
+CLI_DEFAULTS: dict[str, Any] = {"include_dashboard": False}
 
 
 def add_address_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """`--address`, as every command that starts or joins Ray documents it."""
+    """`--address` and `--verbose`, as every command that starts or joins Ray documents them."""
     parser.add_argument(
         "--address",
         metavar="ADDR",
@@ -47,6 +44,7 @@ def add_address_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         f"${TIMEOUT_ENV} (default {DEFAULT_TIMEOUT_S:g}) s. Default: $RAY_ADDRESS, "
         "else a new local Ray on 127.0.0.1",
     )
+    add_verbose_arg(parser)
 
 
 def start_ray(
@@ -71,7 +69,7 @@ def start_ray(
         if not address and os.environ.get("RAY_ADDRESS"):
             address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
         if not address or address == "local":
-            start_local_ray(**{**CLI_DEFAULTS, **local_kwargs})
+            start_local_ray(**{**CLI_DEFAULTS, **ray_init_defaults(), **local_kwargs})
         else:
             timeout = connect_timeout() if connect_timeout_s is None else connect_timeout_s
             _connect(address, source, timeout)
@@ -156,7 +154,7 @@ def _connect(address: str, source: str, timeout_s: float) -> None:
     def init() -> None:
         try:
             # "auto" lets Ray use a token found on this machine, as for its own `ray start`.
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=is_verbose())
             outcome.append(None)
         except BaseException as err:  # reported to the caller below
             outcome.append(err)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monoray.runs.cluster import add_address_arg
+
+if TYPE_CHECKING:
+    from monoray.sweep.runner import SweepResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,18 +93,33 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(
         f"\nsweep {result.name}: {result.n_complete} trials complete, {result.n_failed} failed"
-        + (f", {result.n_pruned} stopped early" if result.n_pruned else ""),
+        + (f", {result.n_pruned} stopped early" if result.n_pruned else "")
+        + f" in {result.fit_s + result.publish_s:.0f} s",
         file=out,
     )
     if result.pareto is not None:
         print(f"Pareto front ({' vs '.join(result.pareto.metrics)}):", file=out)
         print(result.pareto.table(), file=out)
-        print(f"table: {result.pareto.csv_path}", file=out)
+        print(f"all columns: {result.pareto.csv_path}", file=out)
     if result.pack_sizing is not None:
         print(result.pack_sizing, file=out)
     if args.dry_run:
         print("dry run passed: the space, data and resources work on this machine", file=out)
     else:
-        ui = "monoray ui" + (f" --root {args.root}" if args.root else "")
-        print(f"open the MLflow UI with: {ui}   (or: make ui)", file=out)
+        print("\n".join(printed_links(result, args)), file=out)
     return 0
+
+
+def printed_links(result: SweepResult, args: argparse.Namespace) -> list[str]:
+    """The experiment and parent run links, and what serves them."""
+    from monoray.sweep.links import SERVER_SCHEMES, sweep_links, ui_base
+    from monoray.sweep.search import redact
+
+    uri = result.tracking_uri
+    lines = sweep_links(ui_base(uri), result.experiment_id, result.parent_run_id).lines()
+    if args.tracking_uri is None:
+        ui = "monoray ui" + (f" --root {args.root}" if args.root else "")
+        lines.append(f"(serve them with: {ui}, or make ui)")
+    elif uri.partition(":")[0] not in SERVER_SCHEMES:
+        lines.append(f"(serve them with an MLflow UI over {redact(uri)})")
+    return lines

@@ -43,6 +43,14 @@ FRONT_IMAGE = "pareto_front.png"
 """The front's plot at the parent run's artifact root: one click in the UI."""
 
 
+TERMINAL_WIDTH = 120
+"""Columns of the printed front table; `pareto.csv` has them all."""
+HIDDEN_IN_TERMINAL = ("vs_baseline", "mlflow_run")
+"""Columns the printed table leaves to `pareto.csv` (the runs open from the printed links)."""
+EXTRA_METRICS = ("l0", "dead_fraction", "purity_binary")
+"""Metrics of each front trial's MLflow run that the table shows beside the objectives."""
+
+
 @dataclass(frozen=True, slots=True)
 class ParetoReport:
     metrics: list[str]
@@ -52,16 +60,37 @@ class ParetoReport:
     png_path: Path
     registered_model: str
 
-    def table(self) -> str:
-        """The front as aligned plain text (also what `monoray pareto` prints)."""
+    def table(self, width: int | None = TERMINAL_WIDTH) -> str:
+        """The front as aligned plain text: what `monoray sweep` and `monoray pareto` print.
+
+        With a `width`, the columns that fit in it: objectives and gains over the baseline
+        first, then parameters, then other metrics (`pareto.csv` has every column).
+        """
         if not self.rows:
             return "(no completed trial: the Pareto front is empty)"
         cols = list(self.rows[0])
+        if width is not None:
+            cols = self._columns_within(width)
         cells = [[_fmt(row[c]) for c in cols] for row in self.rows]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-        return "\n".join(lines)
+        return "\n".join(line.rstrip() for line in lines)
+
+    def _columns_within(self, width: int) -> list[str]:
+        gains = [f"delta_{m}" for m in self.metrics]
+        first = ["trial", "front", *self.metrics, *gains, "baseline"]
+        rest = [c for c in self.rows[0] if c not in first and c not in HIDDEN_IN_TERMINAL]
+        ordered = first + sorted(rest, key=lambda c: c in EXTRA_METRICS)
+        cols: list[str] = []
+        used = -2
+        for c in ordered:
+            w = max(len(c), *(len(_fmt(row[c])) for row in self.rows)) + 2
+            if used + w > width:
+                break
+            cols.append(c)
+            used += w
+        return cols
 
 
 def _fmt(value: Any) -> str:
@@ -110,7 +139,7 @@ def pareto_rows(
         run_id = runs.get(t.number)
         if run_id is not None:
             extra = client.get_run(run_id).data.metrics
-            for key in ("l0", "dead_fraction", "purity_binary"):
+            for key in EXTRA_METRICS:
                 if key in extra and key not in row:
                     row[key] = extra[key]
         row.update(dict(sorted(t.params.items())))

@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from monoray.sweep.links import sweep_links, ui_base
     from monoray.sweep.pareto import publish_pareto
     from monoray.sweep.paths import ProjectPaths
     from monoray.sweep.search import load_sweep_study
@@ -27,4 +28,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"Pareto front of {args.sweep} ({' vs '.join(report.metrics)}):")
     print(report.table())
     print(f"table: {report.csv_path}\nplot: {report.html_path}")
+    base = ui_base(args.tracking_uri or paths.tracking_uri)
+    print("\n".join(sweep_links(base, records.experiment_id, records.parent_run_id).lines()))
     return 0

@@ -34,8 +34,12 @@ class ProjectPaths:
         return self
 
     @property
+    def tracking_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        return f"sqlite:///{self.tracking_db}"
 
     @property
     def optuna_url(self) -> str:

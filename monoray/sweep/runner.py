@@ -24,6 +24,7 @@ from ray import tune
 from monoray.data import FeatureSplits
 from monoray.errors import InputError
 from monoray.runs.cluster import start_ray
+from monoray.runs.verbosity import tune_verbose
 from monoray.sweep.moasha import build_scheduler
 from monoray.sweep.pack_fit import pack_sizing
 from monoray.sweep.pareto import ParetoReport, publish_pareto
@@ -159,7 +160,13 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
         # An SAE kind's pre-flight hands over the loaded splits: they are every run's input.
         datasets=dataset_inputs(prepared) if isinstance(prepared, FeatureSplits) else None,
     )
-    progress = SweepProgress(space.budget.num_samples, space.metric_names, enabled=opts.progress)
+    progress = SweepProgress(
+        space.budget.num_samples,
+        space.metric_names,
+        space.modes,
+        space.constraints,
+        enabled=opts.progress,
+    )
     # Train runs (trials on Ray Train workers) persist next to the Tune trials.
     trainable = kind.trainable(space, prepared, exp_dir / "train-runs")
 
@@ -188,7 +195,7 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
                 callbacks=[*stop_callbacks, tracker, progress],
                 failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=0,
+                verbose=tune_verbose(),
             ),
         )
     fit_start = time.perf_counter()

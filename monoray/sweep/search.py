@@ -21,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
+from monoray.runs.verbosity import optuna_level
 from monoray.sweep.space import Param, SweepSpace, grid_points
 from monoray.trials.packed import PACK_KEY, member_outcomes, pack_member
 
@@ -88,6 +89,8 @@ def storage_for(url: str) -> optuna.storages.RDBStorage:
 
     from monoray.errors import InputError
 
+    # Every study monoray opens comes through here; optuna resets its level when imported.
+    optuna.logging.set_verbosity(optuna_level())
     scheme = url.partition(":")[0].partition("+")[0]
     if scheme not in STORAGE_SCHEMES:
         raise InputError(

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
+from monoray.sweep.links import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SERVER_SCHEMES
 from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
 from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_dir, member_outcomes, pack_members
@@ -52,8 +53,6 @@ _NOT_METRICS = {
 _MAX_PARAM = 6000
 
 
-SERVER_SCHEMES = ("http", "https")
-"""Tracking URIs of an MLflow server, which stores artifacts itself."""
 DATABASE_SCHEMES = ("sqlite", "postgresql")
 
 
@@ -122,9 +121,12 @@ def open_experiment(client: MlflowClient, sweep: str, artifact_root: Path | None
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older monoray
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = (artifact_root / sweep).as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location, tags={SWEEP_TAG: sweep})
+    tags = {SWEEP_TAG: sweep, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    return client.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def find_parent(client: MlflowClient, experiment_id: str) -> str | None:
@@ -164,6 +166,15 @@ def trial_members(trial: Any) -> list[tuple[int, dict[str, Any]]]:
     if PACK_KEY in trial.config:
         return pack_members(trial.config)
     return [(int(trial.config[TRIAL_KEY]), trial.config)]
+
+
+def error_line(trial: Any) -> str:
+    """Why a Tune trial errored: the last line of its error file (the exception)."""
+    message = "trial raised an error"
+    if trial.error_file and Path(trial.error_file).is_file():
+        lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+        message = lines[-1][:500] if lines else message
+    return message
 
 
 def trial_tags(config: dict[str, Any]) -> dict[str, str]:
@@ -342,10 +353,7 @@ class MlflowTracker(Callback):
             self.fail(run_id, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        message = "trial raised an error"
-        if trial.error_file and Path(trial.error_file).is_file():
-            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-            message = lines[-1][:500] if lines else message
+        message = error_line(trial)
         for number, _ in trial_members(trial):
             self.fail(self.run_for(trial, number), message)
 

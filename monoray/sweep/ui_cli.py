@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from monoray.errors import InputError
+from monoray.sweep.links import UI_HOST, UI_PORT, SweepLinks, server_url, sweep_links
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LEGACY_DEFAULT_PASSWORD = "password1234"
@@ -36,10 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", help="project directory (default: ./monoray-runs or $MONORAY_HOME)")
     p.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="bind address (default 127.0.0.1; anything else needs --auth)",
+        default=UI_HOST,
+        help=f"bind address (default {UI_HOST}; anything else needs --auth)",
     )
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=UI_PORT)
+    p.add_argument("--sweep", help="print the links of this sweep (default: the latest one)")
     p.add_argument(
         "--auth",
         action="store_true",
@@ -142,6 +144,23 @@ def _ini_password(path: Path) -> str | None:
     return config.get("mlflow", "admin_password", fallback=None)
 
 
+def sweep_links_in(tracking_uri: str, base: str, sweep: str | None) -> SweepLinks | None:
+    """Links to `sweep` (default: the newest one) in the UI at `base`; `InputError` if unknown."""
+    from monoray.sweep.tracking import SWEEP_TAG, SweepRecords, client_for
+
+    if sweep is None:
+        found = client_for(tracking_uri).search_experiments(
+            filter_string=f"tags.`{SWEEP_TAG}` LIKE '%'",
+            order_by=["creation_time DESC"],
+            max_results=1,
+        )
+        if not found:
+            return None
+        sweep = found[0].tags[SWEEP_TAG]
+    records = SweepRecords.load(tracking_uri, sweep)
+    return sweep_links(base, records.experiment_id, records.parent_run_id)
+
+
 def run(args: argparse.Namespace) -> int:
     from monoray.sweep.paths import ProjectPaths
 
@@ -150,6 +169,13 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.auth:
         env = auth_env(ProjectPaths.resolve(args.root).root, env)
-    print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
+    base = server_url(args.host, args.port)
+    paths = ProjectPaths.resolve(args.root)
+    links = None
+    if args.sweep or paths.tracking_db.exists():
+        links = sweep_links_in(paths.tracking_uri, base, args.sweep)
+    lines = [f"MLflow UI on {base}  (Ctrl-C to stop)"]
+    lines += links.lines() if links else ["no sweep recorded here yet"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, env)
     return 0
