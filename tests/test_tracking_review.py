@@ -334,6 +334,7 @@ def test_front_models_load_and_encode_as_the_trained_sae(swept) -> None:
         run = client.get_run(records.runs[t.number])
         logged = client.get_logged_model(run.data.tags[MODEL_TAG])
         assert logged.source_run_id == run.info.run_id
+        assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
         assert by_run[run.info.run_id].source == logged.artifact_location
         assert "checkpoint" not in logged.artifact_location
     aliases = client.get_registered_model(model).aliases

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import optuna
+from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.study import StudyDirection
@@ -75,6 +76,8 @@ def log_sae_model(client: MlflowClient, experiment_id: str, run_id: str, art: SA
         )
         client.log_model_artifacts(model.model_id, str(path))
     client.finalize_logged_model(model.model_id, "READY")
+    # An output of its run: the run page's "Logged models" lists it.
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=int(art.epoch or 0))])
     client.set_tag(run_id, MODEL_TAG, model.model_id)
     return model.model_id
 
