@@ -209,7 +209,10 @@ class MonorayOptunaSearch(OptunaSearch):
     trials and its counter in separate files, uploaded to storage by a background copy
     that can interleave two snapshots; after a driver kill the restored counter can
     run ahead of the restored trials, and a counter-bound search would never create
-    the missing ones (docs/hardening.md, resume).
+    the missing ones (docs/hardening.md, resume). For the same reason it limits the
+    live trials itself, counted in the study: Tune's `ConcurrencyLimiter` keeps its own
+    set of live trial ids, which a torn snapshot restores with trials that no longer
+    exist, so the resumed search would wait for them for ever.
     """
 
     def __init__(self, space: SweepSpace, study_name: str, storage: optuna.storages.RDBStorage):
@@ -226,12 +229,27 @@ class MonorayOptunaSearch(OptunaSearch):
         self._budget = space.budget.num_samples
         self._pack = space.resources.pack
         self._packs: dict[str, list[optuna.Trial]] = {}
+        self._max_concurrent = 0
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self._max_concurrent = max_concurrent
+        return True  # Tune's ConcurrencyLimiter then leaves the limit to `_at_capacity`
+
+    def _at_capacity(self) -> bool:
+        """As many Tune trials live as allowed: distinct Tune trials among RUNNING study trials
+        (a trial is RUNNING from `ask` until told; orphans of a killed driver are released)."""
+        if self._max_concurrent <= 0:
+            return False
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return len({t.user_attrs.get(RAY_TRIAL_ATTR) for t in running}) >= self._max_concurrent
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self._pack > 1:
             return self._suggest_pack(trial_id)
         if n_created(self._ot_study) >= self._budget:
             return Searcher.FINISHED
+        if trial_id not in self._ot_trials and self._at_capacity():
+            return None
         config = super().suggest(trial_id)
         if config is None:
             return None
@@ -245,6 +263,8 @@ class MonorayOptunaSearch(OptunaSearch):
             size = min(self._pack, self._budget - n_created(self._ot_study))
             if size <= 0:
                 return Searcher.FINISHED
+            if self._at_capacity():
+                return None
             self._packs[trial_id] = [self._ot_study.ask() for _ in range(size)]
         members = []
         for ot_trial in self._packs[trial_id]:
