@@ -191,11 +191,11 @@ def test_driver_killed_then_resumed_finishes_exactly_n(project: Path) -> None:
         _sweep_cmd(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
     )
     assert proc.stdout is not None
-    # The progress callback prints a line per finished trial; kill the driver after the first.
+    # The progress prints a status line when the first trial ends; kill the driver then.
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("[1/4] trial"):
+        if line.startswith("sweep 1/4:"):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

@@ -33,6 +33,7 @@ from monoray.sweep.progress import SweepProgress
 from monoray.sweep.search import (
     FAIL_ATTR,
     MonorayOptunaSearch,
+    StudyBoundSearch,
     fail_leftovers,
     n_created,
     open_study,
@@ -183,10 +184,9 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
             trainable,
             param_space=dict(space.fixed),
             tune_config=tune.TuneConfig(
-                search_alg=MonorayOptunaSearch(space, name, storage),
+                search_alg=StudyBoundSearch(MonorayOptunaSearch(space, name, storage)),
                 scheduler=scheduler,
                 num_samples=-1,  # the searcher ends the search once the study holds the budget
-                max_concurrent_trials=space.budget.max_concurrent,
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(

@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search import Searcher
+from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
@@ -212,7 +212,8 @@ class MonorayOptunaSearch(OptunaSearch):
     the missing ones (docs/hardening.md, resume). For the same reason it limits the
     live trials itself, counted in the study: Tune's `ConcurrencyLimiter` keeps its own
     set of live trial ids, which a torn snapshot restores with trials that no longer
-    exist, so the resumed search would wait for them for ever.
+    exist, so the resumed search would wait for them for ever. Run it inside
+    `StudyBoundSearch`, not with `TuneConfig(max_concurrent_trials=...)`.
     """
 
     def __init__(self, space: SweepSpace, study_name: str, storage: optuna.storages.RDBStorage):
@@ -229,11 +230,7 @@ class MonorayOptunaSearch(OptunaSearch):
         self._budget = space.budget.num_samples
         self._pack = space.resources.pack
         self._packs: dict[str, list[optuna.Trial]] = {}
-        self._max_concurrent = 0
-
-    def set_max_concurrency(self, max_concurrent: int) -> bool:
-        self._max_concurrent = max_concurrent
-        return True  # Tune's ConcurrencyLimiter then leaves the limit to `_at_capacity`
+        self._max_concurrent = space.budget.max_concurrent
 
     def _at_capacity(self) -> bool:
         """As many Tune trials live as allowed: distinct Tune trials among RUNNING study trials
@@ -326,6 +323,21 @@ class MonorayOptunaSearch(OptunaSearch):
         study_id = storage.get_study_id_from_name(self._ot_study.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         return storage.get_trial(trial_id).state
+
+
+class StudyBoundSearch(SearchGenerator):
+    """Tune's `SearchGenerator` around `MonorayOptunaSearch`: finished when the searcher
+    says so in this session.
+
+    Tune restores the generator's `finished` flag and trial counter from a snapshot file
+    written apart from the trial list; after a driver kill they can describe trials the
+    restored list lacks (the search "finished" with a trial of the budget missing), so a
+    restored generator asks the searcher again, which answers from the study.
+    """
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._finished = False
 
 
 def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: bool) -> str | None:
