@@ -7,6 +7,7 @@ the study and the MLflow records.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -44,9 +45,13 @@ STATUS = re.compile(
 )
 
 
-def monoray(*args: str) -> subprocess.CompletedProcess[str]:
+def monoray(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "monoray", *args], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "monoray", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
 
 
@@ -115,8 +120,21 @@ def test_pareto_prints_the_same_links_quietly(finished_demo: FinishedSweep) -> N
 
 @pytest.mark.integration
 def test_verbose_brings_the_libraries_output_back(tmp_path) -> None:
-    """`--verbose` leaves Ray, Tune and Optuna at their defaults (a dry run: 2 x 1 epoch)."""
-    done = monoray("sweep", str(DEMO_SPACE), "--dry-run", "--verbose", "--root", str(tmp_path))
+    """`--verbose` leaves Ray, Tune and Optuna at their defaults (a dry run: 2 x 1 epoch),
+    also when started from a quiet monoray process (whose quieting its children inherit)."""
+    from monoray.runs import verbosity
+
+    quiet_parent = {k: v for k, v in os.environ.items() if k != verbosity.VERBOSE_ENV}
+    quiet_parent |= {**verbosity.QUIET_ENV, verbosity.QUIETED_ENV: ",".join(verbosity.QUIET_ENV)}
+    done = monoray(
+        "sweep",
+        str(DEMO_SPACE),
+        "--dry-run",
+        "--verbose",
+        "--root",
+        str(tmp_path),
+        env=quiet_parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     both = done.stdout + done.stderr
     assert "Configuration for experiment" in both  # Tune

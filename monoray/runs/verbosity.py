@@ -44,6 +44,10 @@ def add_verbose_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
     )
 
 
+QUIETED_ENV = "MONORAY_QUIETED_ENV"
+"""The `QUIET_ENV` keys monoray set itself (inherited by the processes it starts)."""
+
+
 def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
@@ -53,9 +57,18 @@ def configure(verbose: bool) -> None:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     if is_verbose():
+        # Undo what a quiet monoray process above this one set (a user's own settings stay).
+        for key in os.environ.pop(QUIETED_ENV, "").split(","):
+            if key in QUIET_ENV and os.environ.get(key) == QUIET_ENV[key]:
+                del os.environ[key]
         return
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    quieted = [k for k in QUIET_ENV if k not in os.environ]
+    for key in quieted:
+        os.environ[key] = QUIET_ENV[key]
+    if quieted:
+        os.environ[QUIETED_ENV] = ",".join(
+            filter(None, [*os.environ.get(QUIETED_ENV, "").split(","), *quieted])
+        )
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
 
