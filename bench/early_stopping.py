@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -50,13 +51,24 @@ SPACE = {
 GRACE, ETA = 2, 3
 
 
+def timed_sweep(space: Any, name: str, work: Path) -> tuple[Any, float, Any]:
+    """(SweepResult, wall seconds, Optuna study) of one quiet sweep under `work`."""
+    import optuna
+
+    from monoray.sweep.runner import SweepOptions, run_sweep
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's console box; stdout is the JSON
+        result = run_sweep(space, SweepOptions(name=name, root=str(work), progress=False))
+    wall = time.perf_counter() - start
+    return result, wall, optuna.load_study(study_name=name, storage=result.storage_url)
+
+
 def run_one(
     seed: int, trials: int, epochs: int, concurrency: int, stop: dict | None, work: Path
 ) -> dict:
-    import optuna
     from optuna.trial import TrialState
 
-    from monoray.sweep.runner import SweepOptions, run_sweep
     from monoray.sweep.space import load_space
     from monoray.sweep.tracking import SweepRecords
 
@@ -71,12 +83,7 @@ def run_one(
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
-    space = load_space(path)
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # Tune's console box; stdout is the JSON
-        result = run_sweep(space, SweepOptions(name=name, root=str(work), progress=False))
-    wall = time.perf_counter() - start
-    study = optuna.load_study(study_name=name, storage=result.storage_url)
+    result, wall, study = timed_sweep(load_space(path), name, work)
     front = [tuple(t.values) for t in study.best_trials]
     records = SweepRecords.load(result.tracking_uri, name)
     epochs_run = 0

@@ -18,17 +18,15 @@ Target: packed >= 3x faster.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine
-from early_stopping import REFERENCE, hypervolume_2d
+from early_stopping import REFERENCE, hypervolume_2d, timed_sweep
 
 REPO = Path(__file__).parents[1]
 DEMO = REPO / "search_spaces" / "demo.yaml"
@@ -37,10 +35,8 @@ TARGET_SPEEDUP = 3.0
 
 
 def run_one(trials: int, pack: int, concurrency: int, sets: list[str], work: Path) -> dict:
-    import optuna
     from optuna.trial import TrialState
 
-    from monoray.sweep.runner import SweepOptions, run_sweep
     from monoray.sweep.space import load_space
 
     name = f"pack-{pack}"
@@ -50,12 +46,7 @@ def run_one(trials: int, pack: int, concurrency: int, sets: list[str], work: Pat
         f"resources.pack={pack}",
         *sets,
     ]
-    space = load_space(DEMO, overrides)
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # Tune's console box; stdout is the JSON
-        result = run_sweep(space, SweepOptions(name=name, root=str(work), progress=False))
-    wall = time.perf_counter() - start
-    study = optuna.load_study(study_name=name, storage=result.storage_url)
+    result, wall, study = timed_sweep(load_space(DEMO, overrides), name, work)
     front = [tuple(t.values) for t in study.best_trials]
     states = [t.state for t in study.trials]
     return {
