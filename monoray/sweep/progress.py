@@ -25,8 +25,7 @@ from rich.text import Text
 
 from monoray.sweep.search import STOPPED_KEY, failure_reason
 from monoray.sweep.space import Constraint
-from monoray.sweep.tracking import error_line, trial_members
-from monoray.trials.packed import PACK_KEY, member_outcomes
+from monoray.sweep.tracking import error_line, member_results, trial_members
 
 PLAIN_EVERY_S = 30.0
 """Least time between two plain status lines (not on a terminal)."""
@@ -247,16 +246,6 @@ class SweepProgress(Callback):
             self._live = None
         else:
             self._plain(force=True)
-
-
-def member_results(trial: Any) -> list[tuple[int, dict[str, Any]]]:
-    """(Optuna trial number, last result) of each Optuna trial a Tune trial runs (a pack:
-    each member's final outcome once the pack ended, {} before)."""
-    last = trial.last_result or {}
-    if PACK_KEY not in trial.config:
-        return [(number, last) for number, _ in trial_members(trial)]
-    outcomes = member_outcomes(last)
-    return [(number, outcomes.get(number, {})) for number, _ in trial_members(trial)]
 
 
 def _one_line(text: str) -> str:

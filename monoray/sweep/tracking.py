@@ -168,6 +168,16 @@ def trial_members(trial: Any) -> list[tuple[int, dict[str, Any]]]:
     return [(int(trial.config[TRIAL_KEY]), trial.config)]
 
 
+def member_results(trial: Any) -> list[tuple[int, dict[str, Any]]]:
+    """(Optuna trial number, last result) of each Optuna trial a Tune trial runs (a pack:
+    each member's final outcome once the pack ended, {} before)."""
+    last = trial.last_result or {}
+    if PACK_KEY not in trial.config:
+        return [(number, last) for number, _ in trial_members(trial)]
+    outcomes = member_outcomes(last)
+    return [(number, outcomes.get(number, {})) for number, _ in trial_members(trial)]
+
+
 def error_line(trial: Any) -> str:
     """Why a Tune trial errored: the last line of its error file (the exception)."""
     message = "trial raised an error"
@@ -327,18 +337,13 @@ class MlflowTracker(Callback):
         self._last_epoch[number] = epoch
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        if PACK_KEY not in trial.config:
-            self.end_run(self.run_for(trial), result, trial.checkpoint, None)
-            return
-        outcomes = member_outcomes(result)
-        for number, _ in trial_members(trial):
-            self.end_run(
-                self.run_for(trial, number), outcomes.get(number), trial.checkpoint, number
-            )
+        packed = PACK_KEY in trial.config
+        for number, result in member_results(trial):
+            member = number if packed else None
+            self.end_run(self.run_for(trial, number), result, trial.checkpoint, member)
 
     def end_run(
-        self, run_id: str, result: dict[str, Any] | None, checkpoint: Any, member: int | None
+        self, run_id: str, result: dict[str, Any], checkpoint: Any, member: int | None
     ) -> None:
         """Log the final checkpoint (a pack member's part of it) and end the run as it ended."""
         reason = failure_reason(result, self.metrics, error=False)
