@@ -20,9 +20,10 @@ from monoray.sweep.moasha import (
     fronts,
     judge,
     rank,
-    rung_epochs,
 )
+from monoray.sweep.search import TRIAL_KEY
 from monoray.sweep.space import Constraint, Objective, load_space
+from monoray.trials.verdicts import rung_epochs
 
 MAXMAX = ("max", "max")
 NAN = math.nan
@@ -34,7 +35,7 @@ def table(*rows: tuple[float, ...], violation: dict[int, float] | None = None) -
 
 
 def order(entries: list[RungEntry], modes=MAXMAX) -> list[str]:
-    return [e.trial_id for e, _ in rank(entries, modes)]
+    return [e.key for e, _ in rank(entries, modes)]
 
 
 def test_rungs_below_the_last_epoch() -> None:
@@ -48,7 +49,7 @@ def test_dominated_trial_ranks_after_the_front() -> None:
     # t1 dominates t0; t2 trades off with t1 (same front); t0 is front 2.
     entries = table((0.5, 0.5), (0.9, 0.9), (0.95, 0.1))
     ranked = rank(entries, MAXMAX)
-    assert [e.trial_id for e, _ in ranked] == ["t1", "t2", "t0"]
+    assert [e.key for e, _ in ranked] == ["t1", "t2", "t0"]
     assert ranked[2][1] == "dominated (front 2)"
 
 
@@ -81,7 +82,7 @@ def test_constraints_first_infeasible_after_feasible() -> None:
     # t0 would dominate everything but violates a constraint; by violation among infeasible.
     entries = table((0.99, 0.99), (0.1, 0.1), (0.98, 0.98), violation={0: 0.3, 2: 0.1})
     ranked = rank(entries, MAXMAX)
-    assert [e.trial_id for e, _ in ranked] == ["t1", "t2", "t0"]
+    assert [e.key for e, _ in ranked] == ["t1", "t2", "t0"]
     assert ranked[1][1] == ranked[2][1] == "infeasible"
     verdict = judge(entries, "t0", MAXMAX, 3)
     assert (verdict.keep, verdict.position, verdict.n, verdict.kept) == (False, 2, 3, 1)
@@ -90,13 +91,13 @@ def test_constraints_first_infeasible_after_feasible() -> None:
 def test_nan_objective_ranks_last() -> None:
     entries = table((NAN, 0.99), (0.1, 0.1), (0.2, 0.0), violation={2: 5.0})
     ranked = rank(entries, MAXMAX)
-    assert [e.trial_id for e, _ in ranked] == ["t1", "t2", "t0"]
+    assert [e.key for e, _ in ranked] == ["t1", "t2", "t0"]
     assert ranked[-1][1] == "objective is NaN"
 
 
 def test_keeps_ceil_of_n_over_eta() -> None:
     entries = table((0.1, 0.1), (0.2, 0.2), (0.3, 0.3), (0.4, 0.4))
-    kept = [e.trial_id for e in entries if judge(entries, e.trial_id, MAXMAX, 3).keep]
+    kept = [e.key for e in entries if judge(entries, e.key, MAXMAX, 3).keep]
     assert kept == ["t2", "t3"]  # ceil(4 / 3) = 2
     assert judge(entries[:1], "t0", MAXMAX, 3).keep  # the first at a rung always continues
 
@@ -112,16 +113,16 @@ def test_ranking_is_a_permutation_fronts_respect_dominance(rows, eta) -> None:
         RungEntry(f"t{i}", i, (a, b), v if v > 0.5 else 0.0) for i, (a, b, v) in enumerate(rows)
     ]
     ranked = [e for e, _ in rank(entries, ("max", "min"))]
-    assert sorted(e.trial_id for e in ranked) == sorted(e.trial_id for e in entries)
-    pos = {e.trial_id: i for i, e in enumerate(ranked)}
+    assert sorted(e.key for e in ranked) == sorted(e.key for e in entries)
+    pos = {e.key: i for i, e in enumerate(ranked)}
     for a, b in itertools.permutations(entries, 2):
         if a.violation == 0 and b.violation == 0:
             x, y = (-a.values[0], a.values[1]), (-b.values[0], b.values[1])
             if all(p <= q for p, q in zip(x, y, strict=True)) and x != y:
-                assert pos[a.trial_id] < pos[b.trial_id]
+                assert pos[a.key] < pos[b.key]
         if a.violation == 0 < b.violation:
-            assert pos[a.trial_id] < pos[b.trial_id]
-    kept = sum(judge(entries, e.trial_id, ("max", "min"), eta).keep for e in entries)
+            assert pos[a.key] < pos[b.key]
+    kept = sum(judge(entries, e.key, ("max", "min"), eta).keep for e in entries)
     assert kept == math.ceil(len(entries) / eta)
 
 
@@ -135,8 +136,9 @@ def scheduler(**kw) -> MoAshaScheduler:
     )
 
 
-def report(s: MoAshaScheduler, trial_id: str, epoch: int, r2: float, mono: float, dead=0.0):
-    trial = SimpleNamespace(trial_id=trial_id, config={"epochs": 8})
+def report(s: MoAshaScheduler, key: str, epoch: int, r2: float, mono: float, dead=0.0):
+    """Optuna trial `key`'s result at `epoch`, run alone in a Tune trial."""
+    trial = SimpleNamespace(trial_id=f"ray-{key}", config={"epochs": 8, TRIAL_KEY: key})
     result = {"epoch": epoch, "r2": r2, "monoscore_mean": mono, "dead_fraction": dead}
     return s.on_trial_result(None, trial, result)
 
@@ -273,31 +275,23 @@ def test_resume_takes_every_verdict_the_study_holds(tmp_path: Path) -> None:
     from optuna.trial import TrialState
 
     from monoray.sweep.moasha import MoAshaRecorder
-    from monoray.sweep.search import (
-        RAY_TRIAL_ATTR,
-        STOPPED_ATTR,
-        STOPPED_EPOCH_ATTR,
-        storage_for,
-    )
+    from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, storage_for
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(
         study_name="s", storage=storage_for(url), directions=["maximize", "maximize"]
     )
-    for ray_id, state in (("late", TrialState.PRUNED), ("done", TrialState.COMPLETE)):
-        t = study.ask()
-        t.set_user_attr(RAY_TRIAL_ATTR, ray_id)
-        if state == TrialState.PRUNED:
-            t.set_user_attr(STOPPED_ATTR, "rung 1 (epoch 1): infeasible, rank 2 of 2, kept 1")
-            t.set_user_attr(STOPPED_EPOCH_ATTR, 1)
-            study.tell(t, state=state)
-        else:
-            study.tell(t, [0.5, 0.5])
+    late = study.ask()  # trial 0, stopped
+    late.set_user_attr(STOPPED_ATTR, "rung 1 (epoch 1): infeasible, rank 2 of 2, kept 1")
+    late.set_user_attr(STOPPED_EPOCH_ATTR, 1)
+    study.tell(late, state=TrialState.PRUNED)
+    study.tell(study.ask(), [0.5, 0.5])  # trial 1, complete
     s = scheduler()
     report(s, "a", 1, 0.9, 0.9)
-    recorder = MoAshaRecorder(s, tmp_path / "rungs.json", "s", url)
+    recorder = MoAshaRecorder(s, tmp_path / "rungs.json", "s", url, packed=False)
     fresh = scheduler()
-    MoAshaRecorder(fresh, tmp_path / "rungs.json", "s", url).set_state(recorder.get_state())
-    assert fresh.stopped == {"late": (1, "rung 1 (epoch 1): infeasible, rank 2 of 2, kept 1")}
+    restored = MoAshaRecorder(fresh, tmp_path / "rungs.json", "s", url, packed=False)
+    restored.set_state(recorder.get_state())
+    assert fresh.stopped == {"0": (1, "rung 1 (epoch 1): infeasible, rank 2 of 2, kept 1")}
     assert set(fresh.rungs[1]) == {"a"}
-    assert report(fresh, "late", 1, 0.99, 0.99) == "STOP"  # the study's verdict stands
+    assert report(fresh, "0", 1, 0.99, 0.99) == "STOP"  # the study's verdict stands

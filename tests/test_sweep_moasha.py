@@ -140,7 +140,7 @@ def test_digits_sweep_with_stopping(ray_session, project: Path) -> None:
     assert len(rungs["rungs"]["1"]) == 6  # every trial reaches the grace epoch
     assert len(rungs["stopped"]) == result.n_pruned
     # Every trial that ran past a rung was kept there: it ranked in the best ceil(n/η).
-    reached = {e: {row["trial_id"] for row in rows} for e, rows in rungs["rungs"].items()}
+    reached = {e: {row["trial"] for row in rows} for e, rows in rungs["rungs"].items()}
     assert reached["2"] <= reached["1"] and reached["4"] <= reached["2"]
     assert sum(t.state == TrialState.PRUNED for t in trials) == len(rungs["stopped"])
 
@@ -242,3 +242,61 @@ def test_trial_restored_at_its_stop_epoch_trains_no_further(tmp_path: Path) -> N
     (again,) = [t for t in trials if t.user_attrs.get(RAY_TRIAL_ATTR) == stopped[0]]
     epochs = metric_values(root, name, again.number, "epoch")
     assert epochs == list(range(1, again.user_attrs[STOPPED_EPOCH_ATTR] + 1)), epochs
+
+
+PACKED_EPOCHS = 4
+PACKED = [
+    "fixed.d_sae=64",
+    f"fixed.epochs={PACKED_EPOCHS}",
+    "fixed.batch_size=32",
+    "budget.num_samples=2",
+    "budget.max_concurrent=1",
+    "resources.pack=2",
+    "constraints=[]",
+    "scheduler={type: mo_asha, grace_epochs: 1, reduction_factor: 2}",
+    # A grid, in order: member 0 reaches rung 1 first and is kept (alone there); member 1, at
+    # an lr that leaves it at its random init, cannot dominate it, and ceil(2/2) = 1 is kept.
+    "sampler={type: grid}",
+    "baseline=false",
+    "fixed.lr=null",
+    "fixed.mono_coef=0.03",
+    "fixed.arch=batchtopk",
+    "fixed.k=8",
+    "search={lr: {type: categorical, choices: [0.003, 1.0e-6]}}",
+]
+
+
+def check_packed_stop(root: Path, name: str) -> None:
+    """One pack of 2: member 1 PRUNED alone at epoch 1, member 0 (same pack) COMPLETE."""
+    study = optuna.load_study(study_name=name, storage=ProjectPaths.resolve(root).optuna_url)
+    done, stopped = study.trials
+    assert done.user_attrs[RAY_TRIAL_ATTR] == stopped.user_attrs[RAY_TRIAL_ATTR]  # one pack
+    assert (done.state, stopped.state) == (TrialState.COMPLETE, TrialState.PRUNED)
+    assert stopped.user_attrs[STOPPED_EPOCH_ATTR] == 1
+    assert stopped.user_attrs[STOPPED_ATTR].startswith("rung 1 (epoch 1): ")
+    records = SweepRecords.load(ProjectPaths.resolve(root).tracking_uri, name)
+    client = records.client
+    run = client.get_run(records.runs[stopped.number])
+    assert run.info.status == "KILLED"
+    assert run.data.tags[STOPPED_TAG] == stopped.user_attrs[STOPPED_ATTR]
+    assert metric_values(root, name, stopped.number, "epoch") == [1]
+    r2 = metric_values(root, name, stopped.number, "r2")
+    assert stopped.user_attrs[STOPPED_VALUES_ATTR][0] == r2[-1]
+    assert client.get_run(records.runs[done.number]).info.status == "FINISHED"
+    assert metric_values(root, name, done.number, "epoch") == list(range(1, PACKED_EPOCHS + 1))
+    assert [t.number for t in study.best_trials] == [done.number]
+    report = audit_sweep(name, root=root)
+    assert report.ok, "\n".join(map(str, report.problems))
+    assert (report.n_complete, report.n_pruned) == (1, 1)
+    rungs = rungs_of(root, name)
+    assert [row["trial"] for row in rungs["rungs"]["1"]] == [str(done.number), str(stopped.number)]
+    assert list(rungs["stopped"]) == [str(stopped.number)]
+
+
+@pytest.mark.timeout(300)
+def test_packed_member_is_stopped_alone(ray_session, project: Path) -> None:
+    space = load_space(DEMO, PACKED)
+    result = run_sweep(space, SweepOptions(name="pstop", progress=False))
+    assert not result.interrupted
+    assert (result.n_complete, result.n_pruned) == (1, 1)
+    check_packed_stop(project, "pstop")

@@ -16,6 +16,10 @@ Ranking (`rank`), best first:
    total violation, then arrival;
 3. trials with a NaN (or missing) objective, by arrival.
 
+The contestants are Optuna trials, keyed by their trial number: a Tune trial's
+own, or each member of a packed Tune trial (`resources.pack`), judged on its own
+member-epoch results (`MEMBER_KEY`) with its own epochs.
+
 Only the arriving trial is judged, so a trial can be judged by a table that
 later fills with better ones; that is what makes successive halving asynchronous.
 A verdict is final: a stopped trial that Tune runs again (a retry, or a resume
@@ -28,9 +32,14 @@ the scheduler's companion Tune callback, writes the verdict under `STOPPED_KEY`
 into the stopped result before the tracker sees it, so the searcher tells Optuna
 PRUNED and the tracker tags the MLflow run. The recorder also carries the rung
 tables in Tune's callback state, which Tune snapshots with the experiment and
-restores on `Tuner.restore` (Tune keeps no scheduler state of its own). Each
-trial is judged on its own result, so a member of a packed trial can be stopped
-alone once packs report per-member results.
+restores on `Tuner.restore` (Tune keeps no scheduler state of its own).
+
+A pack member is stopped alone, its pack goes on (the scheduler never stops a
+pack): the scheduler publishes each member verdict to the sweep's `VerdictBoard`
+(`monoray.trials.verdicts`), which the pack waits on at the member's rungs, and
+writes a stop into the judged result, which Tune hands to the searcher next: the
+member is PRUNED in Optuna at once. Its MLflow run ends when the pack does, from
+the pack's outcomes, which carry the verdict.
 """
 
 from __future__ import annotations
@@ -46,15 +55,18 @@ from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from monoray.configs import field_defaults
-from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, STOPPED_KEY, verdicts
+from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, TRIAL_KEY, verdicts
 from monoray.sweep.space import Constraint, Objective, SweepSpace
+from monoray.trials.packed import MEMBER_KEY, PACK_KEY, pack_members
+from monoray.trials.verdicts import KEEP, STOPPED_KEY, open_board, rung_epochs
 
 
 @dataclass(frozen=True, slots=True)
 class RungEntry:
     """One trial's record at one rung."""
 
-    trial_id: str
+    key: str
+    """The contestant: its Optuna trial number (a pack member's own)."""
     order: int
     """Arrival at the rung (ties go to the earlier trial)."""
     values: tuple[float, ...]
@@ -72,15 +84,6 @@ class Verdict:
     kept: int
     """How many of the `n` trials at the rung continue (`ceil(n / η)`)."""
     why: str
-
-
-def rung_epochs(grace: int, eta: int, epochs: int) -> tuple[int, ...]:
-    """The rung epochs of a trial of `epochs` epochs: grace · η^i < epochs."""
-    out, rung = [], grace
-    while rung < epochs:
-        out.append(rung)
-        rung *= eta
-    return tuple(out)
 
 
 def _minimised(values: tuple[float, ...], modes: Sequence[str]) -> tuple[float, ...]:
@@ -133,16 +136,16 @@ def rank(entries: Sequence[RungEntry], modes: Sequence[str]) -> list[tuple[RungE
     return out
 
 
-def judge(entries: Sequence[RungEntry], trial_id: str, modes: Sequence[str], eta: int) -> Verdict:
-    """Does `trial_id` (recorded in `entries`) continue past this rung?"""
+def judge(entries: Sequence[RungEntry], key: str, modes: Sequence[str], eta: int) -> Verdict:
+    """Does contestant `key` (recorded in `entries`) continue past this rung?"""
     ranked = rank(entries, modes)
-    position = next(i for i, (e, _) in enumerate(ranked) if e.trial_id == trial_id)
+    position = next(i for i, (e, _) in enumerate(ranked) if e.key == key)
     kept = math.ceil(len(ranked) / eta)
     return Verdict(position < kept, position, len(ranked), kept, ranked[position][1])
 
 
 class MoAshaScheduler(FIFOScheduler):
-    """Stops a trial at a rung unless it ranks in the best `ceil(n / η)` there."""
+    """Stops a trial (or a pack member) at a rung unless it ranks in the best `ceil(n / η)`."""
 
     def __init__(
         self,
@@ -161,50 +164,66 @@ class MoAshaScheduler(FIFOScheduler):
         self.default_epochs = default_epochs
         self.rungs: dict[int, dict[str, RungEntry]] = {}
         self.stopped: dict[str, tuple[int, str]] = {}
-        """Final verdicts: trial id -> (stop epoch, where and why)."""
+        """Final verdicts: contestant -> (stop epoch, where and why)."""
+        self.board: Any = None
+        """The sweep's `VerdictBoard` (packed sweeps; set by `MoAshaRecorder.setup`)."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if PACK_KEY not in trial.config:
+            epochs = int(trial.config.get("epochs", self.default_epochs))
+            stop = self.verdict(str(trial.config[TRIAL_KEY]), epochs, result)
+            return TrialScheduler.CONTINUE if stop is None else TrialScheduler.STOP
+        if MEMBER_KEY not in result:
+            return TrialScheduler.CONTINUE  # the pack's last result: its members' outcomes
+        number = int(result[MEMBER_KEY])
+        params = dict(pack_members(trial.config))[number]
+        epochs = int(params.get("epochs", self.default_epochs))
+        stop = self.verdict(str(number), epochs, result)
         epoch = int(result.get("epoch", 0))
-        rungs = rung_epochs(
-            self.grace, self.eta, int(trial.config.get("epochs", self.default_epochs))
-        )
+        if stop is not None:
+            result[STOPPED_KEY] = stop  # the searcher reads it next (module doc)
+        if stop is not None or epoch in rung_epochs(self.grace, self.eta, epochs):
+            self.board.publish.remote(number, epoch, KEEP if stop is None else stop)
+        return TrialScheduler.CONTINUE  # a pack goes on; its stopped members end alone
+
+    def verdict(self, key: str, epochs: int, result: dict) -> str | None:
+        """Record contestant `key`'s result at a rung; why it stops there (or stood stopped
+        before), None if it goes on."""
+        epoch = int(result.get("epoch", 0))
+        rungs = rung_epochs(self.grace, self.eta, epochs)
         previous = None
         if epoch in rungs:
             table = self.rungs.setdefault(epoch, {})
-            previous = table.get(trial.trial_id)  # a retry or a resumed sweep reports it again
-            table[trial.trial_id] = self.entry(
-                trial.trial_id, len(table) if previous is None else previous.order, result
-            )
-        stop = self.stopped.get(trial.trial_id)
+            previous = table.get(key)  # a retry or a resumed sweep reports it again
+            table[key] = self.entry(key, len(table) if previous is None else previous.order, result)
+        stop = self.stopped.get(key)
         if stop is not None and epoch >= stop[0]:
             # Re-run after a verdict (a resume from a snapshot older than the stop, or a
             # retry): the verdict stands, the records already say it.
-            return TrialScheduler.STOP
+            return stop[1]
         if epoch not in rungs or previous is not None:
-            return TrialScheduler.CONTINUE  # no rung, or kept here before: that verdict stands
-        verdict = judge(
-            list(table.values()), trial.trial_id, [o.mode for o in self.objectives], self.eta
-        )
+            return None  # no rung, or kept here before: that verdict stands
+        verdict = judge(list(table.values()), key, [o.mode for o in self.objectives], self.eta)
         if verdict.keep:
-            return TrialScheduler.CONTINUE
-        self.stopped[trial.trial_id] = (
-            epoch,
+            return None
+        why = (
             f"rung {rungs.index(epoch) + 1} (epoch {epoch}): {verdict.why}, "
-            f"rank {verdict.position + 1} of {verdict.n}, kept {verdict.kept}",
+            f"rank {verdict.position + 1} of {verdict.n}, kept {verdict.kept}"
         )
-        return TrialScheduler.STOP
+        self.stopped[key] = (epoch, why)
+        return why
 
-    def entry(self, trial_id: str, order: int, result: dict) -> RungEntry:
+    def entry(self, key: str, order: int, result: dict) -> RungEntry:
         values = tuple(_number(result.get(o.metric)) for o in self.objectives)
         violation = 0.0
         for c in self.constraints:
             value = _number(result.get(c.metric))
             violation += math.inf if math.isnan(value) else max(0.0, c.violation(value))
-        return RungEntry(trial_id, order, values, violation)
+        return RungEntry(key, order, values, violation)
 
     def get_state(self) -> dict[str, Any]:
         rungs = {
-            str(epoch): [[e.trial_id, e.order, list(e.values), e.violation] for e in t.values()]
+            str(epoch): [[e.key, e.order, list(e.values), e.violation] for e in t.values()]
             for epoch, t in self.rungs.items()
         }
         return {"rungs": rungs, "stopped": {k: list(v) for k, v in self.stopped.items()}}
@@ -238,18 +257,41 @@ class MoAshaRecorder(Callback):
     """
 
     def __init__(
-        self, scheduler: MoAshaScheduler, table_path: Path, study_name: str, storage_url: str
+        self,
+        scheduler: MoAshaScheduler,
+        table_path: Path,
+        study_name: str,
+        storage_url: str,
+        *,
+        packed: bool,
     ) -> None:
         self.scheduler = scheduler
         self.table_path = table_path
         """Where the rung tables are written (JSON) when `Tuner.fit` ends."""
         self.study_name = study_name
+        """The sweep's study, and its Tune experiment (whose name the packs look the board up by)."""
         self.storage_url = storage_url
+        self.packed = packed
+        """Packed trials: the scheduler publishes member verdicts to a `VerdictBoard`."""
+
+    def setup(self, **info: Any) -> None:
+        """Packed: open the sweep's board with every verdict so far (restored ones on a resume:
+        Tune restores callback state before it sets callbacks up), before any pack starts."""
+        if not self.packed:
+            return
+        import ray
+
+        board = open_board(self.study_name)
+        self.scheduler.board = board
+        stops = self.scheduler.stopped.items()
+        ray.get([board.publish.remote(int(k), epoch, why) for k, (epoch, why) in stops])
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        stop = self.scheduler.stopped.get(trial.trial_id)
+        if PACK_KEY in trial.config:
+            return  # members' verdicts travel in the pack's outcomes
+        stop = self.scheduler.stopped.get(str(trial.config[TRIAL_KEY]))
         if stop is not None and result.get("done"):
             result[STOPPED_KEY] = stop[1]
 
@@ -257,7 +299,7 @@ class MoAshaRecorder(Callback):
         rungs = {
             str(epoch): [
                 {
-                    "trial_id": e.trial_id,
+                    "trial": e.key,
                     "values": [None if math.isnan(v) else v for v in e.values],
                     "violation": None if math.isinf(e.violation) else e.violation,
                 }
@@ -275,13 +317,14 @@ class MoAshaRecorder(Callback):
         """Restore the rung tables, then every verdict the study holds: Optuna heard of
         a stop at once, Tune's snapshot (and this state with it) may be older."""
         self.scheduler.set_state(state)
-        for trial_id, attrs in verdicts(self.study_name, self.storage_url).items():
+        for number, attrs in verdicts(self.study_name, self.storage_url).items():
             stop = (int(attrs[STOPPED_EPOCH_ATTR]), str(attrs[STOPPED_ATTR]))
-            self.scheduler.stopped.setdefault(trial_id, stop)
+            self.scheduler.stopped.setdefault(str(number), stop)
 
 
 RUNGS_FILE = "mo_asha_rungs.json"
-"""Written into the Tune experiment directory: every rung's table, in arrival order."""
+"""Written into the Tune experiment directory: every rung's table (contestants by Optuna
+trial number), in arrival order."""
 
 
 def build_scheduler(
@@ -298,5 +341,7 @@ def build_scheduler(
         reduction_factor=s.reduction_factor,
         default_epochs=field_defaults(space.trial_kind.config)["epochs"],
     )
-    recorder = MoAshaRecorder(scheduler, exp_dir / RUNGS_FILE, study_name, storage_url)
+    recorder = MoAshaRecorder(
+        scheduler, exp_dir / RUNGS_FILE, study_name, storage_url, packed=space.resources.pack > 1
+    )
     return scheduler, [recorder]

@@ -23,9 +23,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from monoray.sweep.search import STOPPED_KEY, failure_reason
+from monoray.sweep.search import failure_reason
 from monoray.sweep.space import Constraint
 from monoray.sweep.tracking import error_line, member_results, trial_members
+from monoray.trials.verdicts import STOPPED_KEY
 
 PLAIN_EVERY_S = 30.0
 """Least time between two plain status lines (not on a terminal)."""

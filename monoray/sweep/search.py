@@ -3,7 +3,7 @@
 `OptunaSearch` tells Optuna whatever the last result held; a NaN or a missing
 objective makes `tell` fail, the error is only logged, and the Optuna trial
 stays RUNNING forever. `MonorayOptunaSearch` tells FAIL instead, PRUNED for a
-trial MO-ASHA stopped (`monoray.sweep.moasha`), records constraint values before `tell`, and tags each Optuna trial with its Ray trial
+trial MO-ASHA stopped (`monoray.sweep.moasha`; a pack member at once), records constraint values before `tell`, and tags each Optuna trial with its Ray trial
 id (and each config with the Optuna trial number, which keys the MLflow run).
 """
 
@@ -23,13 +23,12 @@ from ray.tune.utils.util import unflatten_dict
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
 from monoray.runs.verbosity import optuna_level
 from monoray.sweep.space import Param, SweepSpace, grid_points
-from monoray.trials.packed import PACK_KEY, member_outcomes, pack_member
+from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_outcomes, pack_member
+from monoray.trials.verdicts import STOPPED_KEY
 
 BASELINE_ATTR = "monoray_baseline"
 RAY_TRIAL_ATTR = "ray_trial_id"
 FAIL_ATTR = "fail_reason"
-STOPPED_KEY = "monoray_stopped"
-"""Result key of a stopped trial's last result: where and why it stopped."""
 STOPPED_ATTR = "stopped"
 """User attrs of a PRUNED trial: where and why it stopped, and its objectives there."""
 STOPPED_VALUES_ATTR = "stopped_values"
@@ -270,6 +269,15 @@ class MonorayOptunaSearch(OptunaSearch):
             members.append(pack_member(ot_trial.number, unflatten_dict(params)))
         return {PACK_KEY: members}
 
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """A pack member MO-ASHA just stopped is PRUNED now, not when its pack ends: Optuna
+        holds every verdict at once, for a resumed driver (`moasha.MoAshaRecorder`). The
+        scheduler wrote the verdict into this result (Tune hands it the same dict first)."""
+        if trial_id in self._packs and MEMBER_KEY in result and result.get(STOPPED_KEY):
+            number = int(result[MEMBER_KEY])
+            (ot_trial,) = [t for t in self._packs[trial_id] if t.number == number]
+            self._finish(ot_trial, result, error=False)
+
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
@@ -357,13 +365,13 @@ def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: boo
     return None
 
 
-def verdicts(study_name: str, storage_url: str) -> dict[str, dict[str, Any]]:
-    """Ray trial id -> user attrs of every PRUNED trial of the study (MO-ASHA's stops)."""
+def verdicts(study_name: str, storage_url: str) -> dict[int, dict[str, Any]]:
+    """Optuna trial number -> user attrs of every PRUNED trial of the study (MO-ASHA's stops)."""
     study = optuna.load_study(study_name=study_name, storage=storage_for(storage_url))
     return {
-        t.user_attrs[RAY_TRIAL_ATTR]: t.user_attrs
+        t.number: t.user_attrs
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        if RAY_TRIAL_ATTR in t.user_attrs and STOPPED_EPOCH_ATTR in t.user_attrs
+        if STOPPED_EPOCH_ATTR in t.user_attrs
     }
 
 

@@ -498,7 +498,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
         pack=r.integer(res.get("pack", defaults[Resources]["pack"]), "resources.pack", minimum=1),
     )
     if resources.pack > 1:
-        _check_pack(r, kind, resources, scheduler)
+        _check_pack(r, kind, resources)
     base = doc.get("baseline", True)
     if isinstance(base, bool):
         baseline = Baseline(enabled=base)
@@ -539,16 +539,12 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SweepSpa
     return space
 
 
-def _check_pack(r: _Reader, kind: str, resources: Resources, scheduler: Scheduler) -> None:
-    """What a pack of trials cannot be combined with (yet)."""
+def _check_pack(r: _Reader, kind: str, resources: Resources) -> None:
+    """What a pack of trials cannot be combined with."""
     if kind != "sae":
         raise r.fail("resources.pack", "1 for kind: finetune (packs train SAEs)", resources.pack)
     if resources.workers >= 2:
         raise r.fail("resources.pack", "1 with resources.workers >= 2", resources.pack)
-    if scheduler.type == "mo_asha":
-        raise r.fail(
-            "resources.pack", "1 with scheduler: mo_asha (not supported yet)", resources.pack
-        )
 
 
 def grid_points(search: tuple[Param, ...]) -> list[dict[str, Any]]:

@@ -22,9 +22,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
 from monoray.sweep.links import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SERVER_SCHEMES
-from monoray.sweep.moasha import STOPPED_KEY
 from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
 from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_dir, member_outcomes, pack_members
+from monoray.trials.verdicts import STOPPED_KEY
 
 SWEEP_TAG = "monoray.sweep"
 ROLE_TAG = "monoray.role"

@@ -11,9 +11,15 @@ under `PACK_KEY`, and `sae_pack_trial` trains them together with
   member's newest epoch checkpoint, so a retried pack (worker SIGKILL)
   resumes every unfinished member where it was;
 - the last result holds `OUTCOMES_KEY`, a JSON map from member number to its
-  final metrics or its failure report: the searcher tells Optuna and the
-  tracker ends the MLflow runs from it, member by member (one diverged member
-  is FAILED alone).
+  final metrics, its failure report, or its stop-epoch result with the verdict
+  under `STOPPED_KEY`: the searcher tells Optuna and the tracker ends the MLflow
+  runs from it, member by member (one diverged member is FAILED alone);
+- under `scheduler: mo_asha` each member is judged on its own results
+  (`monoray.trials.verdicts`): at its rung epochs the pack waits for the
+  member's verdict and a stopped member stops alone (the others train on). A
+  retried or resumed pack reports each restored member's epoch again, so that
+  the scheduler judges it there (or repeats its standing verdict) before it
+  trains on; a member restored at its stop is not trained again.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from ray import tune
 
 from monoray.data import FeatureSplits
 from monoray.runs.workers import epoch_report, reportable
+from monoray.trials.restore import restored_metrics
 from monoray.trials.tune import scratch_dir, trial_params
+from monoray.trials.verdicts import STOPPED_KEY, MemberRungs
 
 PACK_KEY = "_pack"
 """Config key of a packed Tune trial: its members, each `pack_member(number, params)`."""
@@ -87,8 +95,11 @@ def restore_pack(dest: Path, numbers: list[int]) -> dict[int, Path]:
     return {}
 
 
-def sae_pack_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
-    """Tune function trainable of a pack: train every member, report each member epoch."""
+def sae_pack_trial(
+    config: dict[str, Any], splits: FeatureSplits, rungs: MemberRungs | None = None
+) -> None:
+    """Tune function trainable of a pack: train every member, report each member epoch;
+    with `rungs`, stop each member its verdict stops (module doc)."""
     from monoray.runs.checkpoint import CHECKPOINTS, read_checkpoint_dir
     from monoray.train import TrainConfig
     from monoray.train.packed import train_pack
@@ -100,29 +111,53 @@ def sae_pack_trial(config: dict[str, Any], splits: FeatureSplits) -> None:
     stage = work / "pack-checkpoint"
     (stage / MEMBERS).mkdir(parents=True)
     out_dirs = [work / "runs" / f"trial-{n:04d}" for n in numbers]
+    judge = rungs.judge(tune.get_context().get_experiment_name()) if rungs else None
+    stopped: dict[int, dict[str, Any]] = {}
+    """Member -> its stop-epoch result with the verdict (its outcome)."""
+
+    def judged(number: int, report: dict[str, Any]) -> bool:
+        epochs = cfgs[numbers.index(number)].epochs
+        why = judge.stop(number, report["epoch"], epochs) if judge else None
+        if why is not None:
+            stopped[number] = {**report, STOPPED_KEY: why}
+        return why is not None
+
     resumed: dict[int, int] = {}
     for n, src in restore_pack(work / "restored", numbers).items():
         epoch = read_checkpoint_dir(src, with_optimizer=False).epoch
         shutil.copytree(src, out_dirs[numbers.index(n)] / CHECKPOINTS / f"epoch-{epoch:04d}")
         shutil.copytree(src, member_dir(stage, n))
         resumed[n] = epoch
+        if epoch < cfgs[numbers.index(n)].epochs:  # judged there again before it trains on
+            report = epoch_report(epoch, restored_metrics(src), None, epoch)
+            tune.report({**report, MEMBER_KEY: n})
+            judged(n, report)
+    train = [i for i, n in enumerate(numbers) if n not in stopped]
 
     def on_epoch(i: int, epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> bool:
-        number = numbers[i]
+        number = numbers[train[i]]
         dest = member_dir(stage, number)
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(checkpoint_dir, dest)
         report = epoch_report(epoch, metrics, dest, resumed.get(number, 0))
         tune.report({**report, MEMBER_KEY: number}, checkpoint=_checkpoint(stage))
-        return False
+        return judged(number, report)
 
     try:
         outcomes = train_pack(
-            cfgs, splits, out_dirs=out_dirs, resume=bool(resumed), on_epoch=on_epoch, progress=False
+            [cfgs[i] for i in train],
+            splits,
+            out_dirs=[out_dirs[i] for i in train],
+            resume=bool(resumed),
+            on_epoch=on_epoch,
+            progress=False,
         )
+        ended = dict(zip([numbers[i] for i in train], outcomes, strict=True))
         final = {
-            str(n): o.failure or {k: v for k, v in (o.metrics or {}).items() if reportable(v)}
-            for n, o in zip(numbers, outcomes, strict=True)
+            str(n): stopped.get(n)
+            or ended[n].failure
+            or {k: v for k, v in (ended[n].metrics or {}).items() if reportable(v)}
+            for n in numbers
         }
         # Members restored at their last epoch train nothing; the final checkpoint holds them.
         tune.report({OUTCOMES_KEY: json.dumps(final)}, checkpoint=_checkpoint(stage))

@@ -23,6 +23,7 @@ from monoray.train.workers import check_workers, data_spec, fit_sae_workers
 from monoray.trials import tune as trial
 from monoray.trials.kind import Space, TrialKind, check_points
 from monoray.trials.packed import sae_pack_trial
+from monoray.trials.verdicts import MemberRungs
 
 
 def _on_workers(space: Space) -> bool:
@@ -84,8 +85,11 @@ def sae_workers_trial(
 def trainable(space: Space, splits: FeatureSplits, storage: Path) -> Any:
     """In process (splits from the object store), or on Train workers (`resources` per worker)."""
     if not _on_workers(space):
-        one = sae_trial if space.resources.pack == 1 else sae_pack_trial
-        fn = tune.with_parameters(one, splits=splits)
+        if space.resources.pack == 1:
+            fn = tune.with_parameters(sae_trial, splits=splits)
+        else:
+            rungs = MemberRungs.of(space.scheduler)
+            fn = tune.with_parameters(sae_pack_trial, splits=splits, rungs=rungs)
         return trial.with_resources(fn, space, on_workers=False)
     d = space.data
     fn = tune.with_parameters(
