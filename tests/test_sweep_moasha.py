@@ -379,3 +379,40 @@ def test_packed_driver_killed_after_a_member_stop_then_resumed(tmp_path: Path) -
     assert [s for s, _ in study_trials(root, name)] == ["RUNNING", "PRUNED"]
     resumed_to_the_end(root, name, cmd, 2)
     check_packed_stop(root, name, epochs=8)
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(300)
+def test_a_pack_that_fails_for_good_keeps_its_stopped_member_pruned(
+    ray_session, project: Path
+) -> None:
+    """No retries left when the pack's worker dies after member 1's stop: member 0 is
+    FAILED, member 1 stays PRUNED in Optuna and KILLED + tagged in MLflow (not FAILED),
+    and the audit agrees."""
+
+    def kill_pack(stop: threading.Event) -> None:
+        def one() -> bool:
+            if not first_stop_in(project, "pfail"):
+                return False
+            for d in (project / "ray" / "pfail").glob("sae_pack_trial_*"):
+                r = last_result(d)
+                if r is not None and is_trial_worker(r["pid"]):
+                    os.kill(r["pid"], signal.SIGKILL)
+                    return True
+            return False
+
+        poll(stop, one, "member 1 PRUNED while its pack trains")
+
+    space = load_space(DEMO, [*PACKED, LONG, "budget.max_failures=0"])
+    with Injector(kill_pack):
+        run_sweep(space, SweepOptions(name="pfail", progress=False))
+    study = optuna.load_study(study_name="pfail", storage=ProjectPaths.resolve(project).optuna_url)
+    failed, stopped = study.trials
+    assert (failed.state, stopped.state) == (TrialState.FAIL, TrialState.PRUNED)
+    records = SweepRecords.load(ProjectPaths.resolve(project).tracking_uri, "pfail")
+    runs = {n: records.client.get_run(r) for n, r in records.runs.items()}
+    assert runs[failed.number].info.status == "FAILED"
+    assert runs[stopped.number].info.status == "KILLED"
+    assert runs[stopped.number].data.tags[STOPPED_TAG] == stopped.user_attrs[STOPPED_ATTR]
+    report = audit_sweep("pfail", root=project)
+    assert report.ok, "\n".join(map(str, report.problems))

@@ -19,10 +19,18 @@ from typing import Any
 from mlflow.entities import DatasetInput, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from optuna.trial import TrialState
 from ray.tune import Callback
 
 from monoray.sweep.links import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SERVER_SCHEMES
-from monoray.sweep.search import TRIAL_KEY, failure_reason, redact, with_driver
+from monoray.sweep.search import (
+    STOPPED_ATTR,
+    STOPPED_VALUES_ATTR,
+    TRIAL_KEY,
+    failure_reason,
+    redact,
+    with_driver,
+)
 from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_dir, member_outcomes, pack_members
 from monoray.trials.verdicts import STOPPED_KEY
 
@@ -303,17 +311,36 @@ class MlflowTracker(Callback):
         if self.storage_url is None:
             return
         from monoray.sweep.links import run_url
-        from monoray.sweep.search import storage_for
 
-        if getattr(self, "_storage", None) is None:
-            self._storage = storage_for(self.storage_url)
-        storage = self._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(self.sweep), number
-        )
+        storage, trial_id = self._optuna_trial(number)
         storage.set_trial_user_attr(trial_id, MLFLOW_RUN_ATTR, run_id)
         url = run_url(self.tracking_uri, self.experiment_id, run_id)
         storage.set_trial_user_attr(trial_id, MLFLOW_URL_ATTR, url)
+
+    def _optuna_trial(self, number: int) -> tuple[Any, int]:
+        """The study's storage and the storage id of Optuna trial `number`."""
+        from monoray.sweep.search import storage_for
+
+        assert self.storage_url is not None
+        if getattr(self, "_storage", None) is None:
+            self._storage = storage_for(self.storage_url)
+        storage = self._storage
+        study_id = storage.get_study_id_from_name(self.sweep)
+        return storage, storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def _stop_of(self, number: int) -> dict[str, Any] | None:
+        """The stop-epoch result of Optuna trial `number` if MO-ASHA stopped it (PRUNED)."""
+        if self.storage_url is None:
+            return None
+        storage, trial_id = self._optuna_trial(number)
+        trial = storage.get_trial(trial_id)
+        if trial.state != TrialState.PRUNED or STOPPED_ATTR not in trial.user_attrs:
+            return None
+        values = trial.user_attrs.get(STOPPED_VALUES_ATTR, [])
+        return {
+            STOPPED_KEY: trial.user_attrs[STOPPED_ATTR],
+            **dict(zip(self.metrics, values, strict=True)),
+        }
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         for number, _ in trial_members(trial):
@@ -360,7 +387,12 @@ class MlflowTracker(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         message = error_line(trial)
         for number, _ in trial_members(trial):
-            self.fail(self.run_for(trial, number), message)
+            run_id = self.run_for(trial, number)
+            stopped = self._stop_of(number) if PACK_KEY in trial.config else None
+            if stopped is None:
+                self.fail(run_id, message)
+            else:  # a pack member MO-ASHA stopped before the pack failed: it ended there
+                self.end_run(run_id, stopped, trial.checkpoint, number)
 
     def fail(self, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, ERROR_TAG, reason[:5000])
