@@ -334,9 +334,12 @@ class MlflowTracker(Callback):
             return None
         storage, trial_id = self._optuna_trial(number)
         trial = storage.get_trial(trial_id)
-        if trial.state != TrialState.PRUNED or STOPPED_ATTR not in trial.user_attrs:
+        attrs = trial.user_attrs
+        if trial.state != TrialState.PRUNED or not {STOPPED_ATTR, STOPPED_VALUES_ATTR} <= set(
+            attrs
+        ):
             return None
-        values = trial.user_attrs.get(STOPPED_VALUES_ATTR, [])
+        values = attrs[STOPPED_VALUES_ATTR]
         return {
             STOPPED_KEY: trial.user_attrs[STOPPED_ATTR],
             **dict(zip(self.metrics, values, strict=True)),
