@@ -334,14 +334,11 @@ class MlflowTracker(Callback):
             return None
         storage, trial_id = self._optuna_trial(number)
         trial = storage.get_trial(trial_id)
-        attrs = trial.user_attrs
-        if trial.state != TrialState.PRUNED or not {STOPPED_ATTR, STOPPED_VALUES_ATTR} <= set(
-            attrs
-        ):
+        why, values = trial.user_attrs.get(STOPPED_ATTR), trial.user_attrs.get(STOPPED_VALUES_ATTR)
+        if trial.state != TrialState.PRUNED or why is None or values is None:
             return None
-        values = attrs[STOPPED_VALUES_ATTR]
         return {
-            STOPPED_KEY: trial.user_attrs[STOPPED_ATTR],
+            STOPPED_KEY: why,
             **dict(zip(self.metrics, values, strict=True)),
         }
 
