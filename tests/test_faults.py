@@ -608,6 +608,7 @@ def test_driver_killed_before_any_trial_completes(tmp_path: Path) -> None:
     resumed_to_the_end(root, name, cmd, budget)
 
 
+@pytest.mark.slow  # ~125 s; the torn-snapshot drill below kills a driver with trials running in `make test`
 @pytest.mark.timeout(1800)
 def test_driver_killed_mid_sweep_with_trials_running(tmp_path: Path) -> None:
     """The issue's drill: 8 trials, the driver killed once 4 are complete and 2 running.

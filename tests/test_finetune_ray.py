@@ -62,6 +62,8 @@ def digits_embeddings(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # ~95 s (two full-size backbones); `make test` sweeps finetune on 2 workers in
+# test_run_contract.py and trains both backbones in test_finetune_model.py
 def test_sweep_runs_both_backbones_on_two_gloo_workers(
     ray_session, project, tmp_path, digits_embeddings
 ):
@@ -107,6 +109,7 @@ def _kill_rank_after_first_epoch(status_dir: Path, rank: int, done: threading.Ev
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # ~65 s; the same worker-kill resume runs for SAE workers in test_train_workers_ray.py
 def test_train_worker_killed_mid_run_resumes_from_the_epoch_checkpoint(
     ray_session, tmp_path, digits_embeddings
 ):

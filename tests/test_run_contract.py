@@ -255,6 +255,7 @@ resources: {cpu: 1, workers: 2}
 """
 
 
+@pytest.mark.slow  # ~60 s; `make test` has the 2-worker finetune sweep and the 2-worker SAE CLI cases
 @pytest.mark.timeout(600)
 def test_two_worker_sae_trial_that_diverges_is_one_failed_trial(ray_session, project, tmp_path):
     from monoray.sweep.runner import SweepOptions, run_sweep

@@ -43,6 +43,7 @@ def soak(tmp_path: Path, trials: int) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow  # a soak (143 s on the loaded 2-CPU box): `make test-all`
 def test_soak_40_trials_at_concurrency_4(tmp_path: Path) -> None:
     soak(tmp_path, 40)
 

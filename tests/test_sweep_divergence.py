@@ -46,7 +46,8 @@ def test_diverging_trials_with_monoloss_fail_once(ray_session, project: Path, ca
     assert "Traceback" not in out.out + out.err
 
 
-@pytest.mark.parametrize("lam", ["0", "0.1"])
+# λ > 0 diverging is in `make test` through test_diverging_trials_with_monoloss_fail_once
+@pytest.mark.parametrize("lam", ["0", pytest.param("0.1", marks=pytest.mark.slow)])
 def test_dry_run_fails_with_one_line_when_a_trial_diverges(
     ray_session, project: Path, capfd, lam: str
 ) -> None:

@@ -185,6 +185,7 @@ def _sweep_cmd(root: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.faults  # part of the fault-injection suite (tests/test_faults.py)
+@pytest.mark.slow  # ~80 s; `make test` has the torn-snapshot driver-kill drill (test_faults.py)
 def test_driver_killed_then_resumed_finishes_exactly_n(project: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(
