@@ -184,46 +184,60 @@ def test_stopping_with_retries_from_checkpoints(ray_session, project: Path) -> N
     assert min(resumed) >= 1, (killed, resumed)
 
 
-@pytest.mark.slow  # two driver starts (~100 s on the shared 2-CPU box): `make test-all`
-@pytest.mark.timeout(900)
-def test_driver_killed_then_resumed_keeps_the_rungs(tmp_path: Path) -> None:
-    """Killed once a PRUNED trial is TERMINATED in Tune's snapshot and another runs:
-    `--resume` finishes with the rung tables of before the kill (every trial in rung 1,
-    the stopped one included, though Tune does not run it again).
+def pruned_and_saved(root: Path, name: str) -> list[str]:
+    """Ray ids of the trials PRUNED in Optuna and TERMINATED in Tune's stored snapshot."""
+    snapshot = tune_statuses(root / "ray" / name)
+    return [
+        ray_id
+        for s, ray_id in study_trials(root, name)
+        if s == "PRUNED" and snapshot.get(ray_id) == "TERMINATED"
+    ]
+
+
+def kill_once_a_stop_is_saved(root: Path, name: str, cmd: list[str], log: Path) -> None:
+    """SIGKILL the driver once a PRUNED trial is TERMINATED in Tune's snapshot while
+    another trial is RUNNING.
 
     The window is forced open: once the first stop reaches Optuna, the workers of the
     trials still RUNNING there are SIGSTOPped, so they stay RUNNING until the driver,
-    which goes on snapshotting, has written the stop into Tune's snapshot."""
-    root, name, budget = tmp_path / "runs", "stopkill", 4
-    exp = root / "ray" / name
-    cmd = driver_cmd(root, name, budget, EPOCHS)
-    cmd += [a for s in STOPPING for a in ("--set", s)]
+    which goes on snapshotting, has written the stop into Tune's snapshot (on a quiet box
+    the other trials could otherwise finish first)."""
     frozen: list[int] = []
 
     def ready() -> bool:
         trials = study_trials(root, name)
         if not frozen and any(s == "PRUNED" for s, _ in trials):
             running = {ray_id for s, ray_id in trials if s == "RUNNING"}
-            for d in trial_dirs(exp):
+            for d in trial_dirs(root / "ray" / name):
                 r = last_result(d)
                 if r and r["trial_id"] in running and is_trial_worker(r["pid"]):
                     os.kill(r["pid"], signal.SIGSTOP)
                     frozen.append(r["pid"])
-        # A stop Tune's own snapshot already holds as TERMINATED: that trial does not run
-        # again, so only the restored rung state can bring its rung-1 entry back.
-        snapshot = tune_statuses(exp)
-        pruned_and_saved = any(
-            s == "PRUNED" and snapshot.get(ray_id) == "TERMINATED" for s, ray_id in trials
-        )
-        return pruned_and_saved and any(s == "RUNNING" for s, _ in trials)
+        running = any(s == "RUNNING" for s, _ in trials)
+        return running and bool(pruned_and_saved(root, name))
 
     try:
-        kill_driver_when(cmd, tmp_path / "first.log", ready, "a trial PRUNED and another running")
+        kill_driver_when(cmd, log, ready, "a trial PRUNED and another running")
     finally:
         for pid in frozen:  # the killed cluster's workers exit once they run again
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     assert frozen, "no trial was running when the first stop reached Optuna"
+
+
+@pytest.mark.slow  # two driver starts (~100 s on the shared 2-CPU box): `make test-all`
+@pytest.mark.timeout(900)
+def test_driver_killed_then_resumed_keeps_the_rungs(tmp_path: Path) -> None:
+    """Killed once a PRUNED trial is TERMINATED in Tune's snapshot and another runs:
+    `--resume` finishes with the rung tables of before the kill (every trial in rung 1,
+    the stopped one included, though Tune does not run it again); the window is forced
+    open (`kill_once_a_stop_is_saved`)."""
+    root, name, budget = tmp_path / "runs", "stopkill", 4
+    cmd = driver_cmd(root, name, budget, EPOCHS)
+    cmd += [a for s in STOPPING for a in ("--set", s)]
+    # A stop Tune's own snapshot already holds as TERMINATED: that trial does not run
+    # again, so only the restored rung state can bring its rung-1 entry back.
+    kill_once_a_stop_is_saved(root, name, cmd, tmp_path / "first.log")
     before = [state for state, _ in study_trials(root, name)]
     resumed_to_the_end(root, name, cmd, budget)
     check_records(root, name, budget)
@@ -243,20 +257,8 @@ def test_trial_restored_at_its_stop_epoch_trains_no_further(tmp_path: Path) -> N
     cmd = driver_cmd(root, name, budget, EPOCHS)
     cmd += [a for s in STOPPING for a in ("--set", s)]
     exp = root / "ray" / name
-    stopped: list[str] = []
-
-    def ready() -> bool:
-        snapshot = tune_statuses(exp)
-        pruned = [
-            ray_id
-            for s, ray_id in study_trials(root, name)
-            if s == "PRUNED" and snapshot.get(ray_id) == "TERMINATED"
-        ]
-        running = any(s == "RUNNING" for s, _ in study_trials(root, name))
-        stopped[:] = pruned[:1]
-        return bool(pruned) and running
-
-    kill_driver_when(cmd, tmp_path / "first.log", ready, "a trial PRUNED and another running")
+    kill_once_a_stop_is_saved(root, name, cmd, tmp_path / "first.log")
+    stopped = pruned_and_saved(root, name)
     set_tune_status(exp, stopped[0], "RUNNING")
     resumed_to_the_end(root, name, cmd, budget)
     trials = check_records(root, name, budget)  # a PRUNED run's last epoch is its stop epoch
