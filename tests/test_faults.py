@@ -135,11 +135,13 @@ class Injector(threading.Thread):
             raise self.error
 
 
-def poll(stop: threading.Event, found: Callable[[], bool], what: str) -> None:
-    """Call `found` every 20 ms until it returns True, the sweep ends, or the deadline."""
+def poll(
+    stop: threading.Event, found: Callable[[], bool], what: str, every_s: float = 0.02
+) -> None:
+    """Call `found` every `every_s` until it returns True, the sweep ends, or the deadline."""
     deadline = time.monotonic() + DEADLINE_S
     while not found():
-        if stop.wait(0.02):
+        if stop.wait(every_s):
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what}")

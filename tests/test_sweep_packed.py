@@ -10,12 +10,14 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from optuna.trial import FrozenTrial, TrialState
+from ray.train.constants import CHECKPOINT_DIR_NAME as CHECKPOINT_DIR
 
 from monoray.cli import main
 from monoray.sweep.audit import audit_sweep
@@ -78,6 +80,23 @@ def test_packed_demo_sweep_is_n_trials_runs_front_registry_and_clean_audit(
     assert report.ok, report.problems
     assert (report.n_trials, report.n_runs, report.n_complete) == (6, 6, 6)
     assert report.n_checkpoints == 12  # every member: its MLflow copy and its Tune checkpoint
+    for trial_dir in (project / "ray" / "packed").glob("sae_pack_trial_*"):
+        results = [
+            json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
+        ]
+        assert_one_checkpoint_per_pack_epoch(results)
+
+
+def assert_one_checkpoint_per_pack_epoch(results: list[dict]) -> None:
+    """Of a pack's member results of one epoch only the last carries a checkpoint."""
+    by_epoch: dict[int, list[dict]] = {}
+    for r in results:
+        if MEMBER_KEY in r:
+            by_epoch.setdefault(r["epoch"], []).append(r)
+    assert by_epoch
+    for epoch, members in by_epoch.items():
+        carried = [r.get(CHECKPOINT_DIR) is not None for r in members]
+        assert carried == [False] * (len(members) - 1) + [True], (epoch, carried)
 
 
 def constraints(trial: FrozenTrial) -> dict[str, float]:
@@ -180,6 +199,52 @@ def test_worker_sigkill_mid_epoch_resumes_every_member(ray_session, project: Pat
     for number, epoch in unfinished.items():
         resumed = metric_values(project, "pkill", number, "resumed_from_epoch")
         assert max(resumed) >= epoch, (number, epoch, resumed)
+
+
+@pytest.mark.faults
+def test_worker_sigkill_between_members_reports_of_one_epoch_resumes_every_member(
+    ray_session, project: Path
+) -> None:
+    """Only the last member report of a pack epoch carries the pack checkpoint: a worker
+    killed after some members reported epoch e (no checkpoint yet) and before the last one
+    did resumes EVERY member from the pack checkpoint of epoch e - 1, those that had
+    reported e included; they train e again and the tracker keeps one record per epoch."""
+    epochs, budget = 6, 8
+    space = fault_space(
+        f"resources.pack={budget}", "budget.max_concurrent=1", num_samples=budget, epochs=epochs
+    )
+    killed: dict[str, int] = {}
+
+    # The driver writes results into Ray's session dir at once; the copy under `project`
+    # is synced at experiment snapshots (after checkpoints), so it never shows the window.
+    session = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+    live = session / "session_latest" / "artifacts"
+
+    def kill_between_members(stop: threading.Event) -> None:
+        def one() -> bool:
+            for d in live.glob("*/pmid/driver_artifacts/sae_pack_trial_*"):
+                r = last_result(d)
+                if r is None or MEMBER_KEY not in r or not 2 <= r["epoch"] < epochs:
+                    continue
+                if r.get(CHECKPOINT_DIR) is not None or not is_trial_worker(r["pid"]):
+                    continue  # the last member's report of its epoch: wait for the next one
+                os.kill(r["pid"], signal.SIGKILL)
+                killed.update(epoch=r["epoch"], member=r[MEMBER_KEY])
+                return True
+            return False
+
+        # The window is one member's checkpoint write and report round trip: poll often.
+        poll(stop, one, "a pack between two members' reports of one epoch", every_s=0.002)
+
+    with Injector(kill_between_members):
+        sweep(space, "pmid")
+    assert killed, "the pack's worker was never killed"
+    report = audited(project, "pmid", budget)
+    assert report.n_complete == budget
+    records = assert_consistent(project, "pmid", budget, epochs=epochs)  # one record per epoch
+    for number in records.runs:  # every member resumed from the last pack epoch persisted
+        resumed = metric_values(project, "pmid", number, "resumed_from_epoch")
+        assert max(resumed) == killed["epoch"] - 1, (number, killed, resumed)
 
 
 @pytest.mark.parametrize(

@@ -192,17 +192,19 @@ def test_on_epoch_stops_one_member_and_resume_skips_finished_ones(
         _cfg(digits, arch="batchtopk", k=8, lr=3e-3),
         _cfg(digits, arch="batchtopk", k=4, lr=3e-3, mono_coef=0.05),
     ]
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, int, bool]] = []
 
-    def stop_first(i: int, epoch: int, metrics: dict, ckpt: Path) -> bool:
+    def stop_first(i: int, epoch: int, metrics: dict, ckpt: Path, last: bool) -> bool:
         assert (ckpt / "checkpoint.json").exists() and "monoscore_profile" in metrics
-        calls.append((i, epoch))
+        calls.append((i, epoch, last))
         return i == 0
 
     outcomes = _pack(cfgs, digits, tmp_path, on_epoch=stop_first)
     assert outcomes[0] == MemberOutcome(stopped_epoch=1)
     assert not (tmp_path / "packed0" / METRICS_FILE).exists()
-    assert outcomes[1].metrics is not None and calls == [(0, 1), (1, 1), (1, 2)]
+    # `last` marks the last member to end each pack epoch (member 0 is gone after epoch 1).
+    assert outcomes[1].metrics is not None
+    assert calls == [(0, 1, False), (1, 1, True), (1, 2, True)]
     calls.clear()
     again = train_pack(
         cfgs[1:], digits, out_dirs=[tmp_path / "packed1"], resume=True, on_epoch=stop_first
@@ -236,7 +238,7 @@ if block_step is not None:
         return step(self, *args, **kw)
     Run.train_step = train_step
 
-def on_epoch(i, epoch, metrics, ckpt):
+def on_epoch(i, epoch, metrics, ckpt, last):
     if (i, epoch) == (block_member, block_epoch):
         block("epoch")
     return False

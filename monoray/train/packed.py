@@ -62,8 +62,9 @@ from monoray.train.trainer import (
 
 log = logging.getLogger(__name__)
 
-MemberOnEpoch = Callable[[int, int, dict[str, Any], Path], bool]
-"""on_epoch(member, epoch, metrics, checkpoint_dir) -> True to stop that member now."""
+MemberOnEpoch = Callable[[int, int, dict[str, Any], Path, bool], bool]
+"""on_epoch(member, epoch, metrics, checkpoint_dir, last) -> True to stop that member now;
+`last`: no other member ends this pack epoch after it (all their checkpoints are written)."""
 
 T = TypeVar("T")
 
@@ -288,8 +289,9 @@ class Pack:
                     results[m.index] = accs[m.index].result()
         return results
 
-    def end_epoch(self, member: Member, epoch: int, result: EvalResult) -> None:
-        """Checkpoint, report, then finish or stop `member` if this was its last epoch."""
+    def end_epoch(self, member: Member, epoch: int, result: EvalResult, *, last: bool) -> None:
+        """Checkpoint, report, then finish or stop `member` if this was its last epoch (`last`:
+        the last member to end this pack epoch)."""
         run = member.run
         metrics, ckpt_dir = run.end_epoch(epoch, member.train, result, keep=self.keep)
         member.done = epoch
@@ -297,7 +299,7 @@ class Pack:
         if self.on_epoch is not None:
             assert ckpt_dir is not None
             report = {**metrics, "monoscore_profile": result.profile().tolist()}
-            stop = bool(self.on_epoch(member.index, epoch, report, ckpt_dir))
+            stop = bool(self.on_epoch(member.index, epoch, report, ckpt_dir, last))
         if stop:
             self.outcomes[member.index] = MemberOutcome(stopped_epoch=epoch)
         elif epoch >= run.cfg.epochs:
@@ -324,8 +326,10 @@ def train_pack(
     unfinished member from the newest intact checkpoint in its out dir (members
     may be at different epochs; a finished member is not retrained, its outputs
     are rewritten from its last checkpoint). `on_epoch(i, epoch, metrics,
-    checkpoint_dir)` is called after each of member i's epochs is checkpointed,
-    with `train_sae`'s `on_epoch` metrics; True stops that member there.
+    checkpoint_dir, last)` is called after each of member i's epochs is checkpointed,
+    with `train_sae`'s `on_epoch` metrics; True stops that member there. The members
+    ending one pack epoch are called in order; `last` is True for the last of them, when
+    every one of them has its checkpoint of that epoch written.
     Returns one `MemberOutcome` per member, in order.
     """
     pack = Pack.open(
@@ -350,9 +354,9 @@ def train_pack(
                 pack.train_epoch(group, epoch, batches[group[0].run.device], bar)
             now = [m for m in now if m in pack.live]
             results = pack.evaluate(now, splits, epoch)
-            for m in now:
-                if m in pack.live:
-                    pack.end_epoch(m, epoch, results[m.index])
+            ending = [m for m in now if m in pack.live]
+            for m in ending:
+                pack.end_epoch(m, epoch, results[m.index], last=m is ending[-1])
     finally:
         if bar is not None:
             bar.close()

@@ -7,9 +7,11 @@ under `PACK_KEY`, and `sae_pack_trial` trains them together with
 
 - every member epoch is one Tune result tagged `MEMBER_KEY` (its Optuna
   trial number), logged by the tracker to that member's MLflow run;
-- each report carries the pack checkpoint: `members/trial-NNNN/` holds every
-  member's newest epoch checkpoint, so a retried pack (worker SIGKILL)
-  resumes every unfinished member where it was;
+- the last member report of each pack epoch carries the pack checkpoint
+  (`members/trial-NNNN/` holds every member's newest epoch checkpoint), so
+  Tune persists one pack checkpoint per pack epoch, not one per member epoch,
+  and a retried pack (worker SIGKILL, even between two members' reports)
+  resumes every unfinished member from its newest persisted epoch;
 - the last result holds `OUTCOMES_KEY`, a JSON map from member number to its
   final metrics, its failure report, or its stop-epoch result with the verdict
   under `STOPPED_KEY`: the searcher tells Optuna and the tracker ends the MLflow
@@ -134,13 +136,16 @@ def sae_pack_trial(
             judged(n, report)
     train = [i for i, n in enumerate(numbers) if n not in stopped]
 
-    def on_epoch(i: int, epoch: int, metrics: dict[str, Any], checkpoint_dir: Path) -> bool:
+    def on_epoch(
+        i: int, epoch: int, metrics: dict[str, Any], checkpoint_dir: Path, last: bool
+    ) -> bool:
         number = numbers[train[i]]
         dest = member_dir(stage, number)
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(checkpoint_dir, dest)
         report = epoch_report(epoch, metrics, dest, resumed.get(number, 0))
-        tune.report({**report, MEMBER_KEY: number}, checkpoint=_checkpoint(stage))
+        checkpoint = _checkpoint(stage) if last else None  # the stage holds the whole epoch
+        tune.report({**report, MEMBER_KEY: number}, checkpoint=checkpoint)
         return judged(number, report)
 
     try:
