@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -335,19 +336,17 @@ def first_stop_in(root: Path, name: str) -> bool:
     return any(s == "PRUNED" for s, _ in study_trials(root, name))
 
 
-@pytest.mark.faults
-@pytest.mark.timeout(300)
-def test_packed_member_stays_stopped_when_its_pack_is_retried(ray_session, project: Path) -> None:
-    """The pack's worker is SIGKILLed once member 1's stop reached Optuna: the retry
-    restores member 1 at its stop epoch, it reports it again, the standing verdict stops
-    it before it trains: it is not trained again nor judged again."""
-    killed: list[int] = []
+def kill_the_pack_after_a_stop(
+    root: Path, name: str, killed: list[int]
+) -> Callable[[threading.Event], None]:
+    """An injector: SIGKILL the pack's worker once a member's stop reached Optuna (the
+    epoch it was at is appended to `killed`)."""
 
-    def kill_pack(stop: threading.Event) -> None:
+    def inject(stop: threading.Event) -> None:
         def one() -> bool:
-            if not first_stop_in(project, "pretry"):
+            if not first_stop_in(root, name):
                 return False
-            for d in (project / "ray" / "pretry").glob("sae_pack_trial_*"):
+            for d in (root / "ray" / name).glob("sae_pack_trial_*"):
                 r = last_result(d)
                 if r is not None and is_trial_worker(r["pid"]):
                     os.kill(r["pid"], signal.SIGKILL)
@@ -357,8 +356,18 @@ def test_packed_member_stays_stopped_when_its_pack_is_retried(ray_session, proje
 
         poll(stop, one, "member 1 PRUNED while its pack trains")
 
+    return inject
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(300)
+def test_packed_member_stays_stopped_when_its_pack_is_retried(ray_session, project: Path) -> None:
+    """The pack's worker is SIGKILLed once member 1's stop reached Optuna: the retry
+    restores member 1 at its stop epoch, it reports it again, the standing verdict stops
+    it before it trains: it is not trained again nor judged again."""
+    killed: list[int] = []
     space = load_space(DEMO, [*PACKED, LONG])
-    with Injector(kill_pack):
+    with Injector(kill_the_pack_after_a_stop(project, "pretry", killed)):
         result = run_sweep(space, SweepOptions(name="pretry", progress=False))
     assert killed and not result.interrupted
     done, _ = check_packed_stop(project, "pretry", epochs=8)
@@ -391,22 +400,8 @@ def test_a_pack_that_fails_for_good_keeps_its_stopped_member_pruned(
     """No retries left when the pack's worker dies after member 1's stop: member 0 is
     FAILED, member 1 stays PRUNED in Optuna and KILLED + tagged in MLflow (not FAILED),
     and the audit agrees."""
-
-    def kill_pack(stop: threading.Event) -> None:
-        def one() -> bool:
-            if not first_stop_in(project, "pfail"):
-                return False
-            for d in (project / "ray" / "pfail").glob("sae_pack_trial_*"):
-                r = last_result(d)
-                if r is not None and is_trial_worker(r["pid"]):
-                    os.kill(r["pid"], signal.SIGKILL)
-                    return True
-            return False
-
-        poll(stop, one, "member 1 PRUNED while its pack trains")
-
     space = load_space(DEMO, [*PACKED, LONG, "budget.max_failures=0"])
-    with Injector(kill_pack):
+    with Injector(kill_the_pack_after_a_stop(project, "pfail", [])):
         run_sweep(space, SweepOptions(name="pfail", progress=False))
     study = optuna.load_study(study_name="pfail", storage=ProjectPaths.resolve(project).optuna_url)
     failed, stopped = study.trials
