@@ -27,11 +27,15 @@ lint: setup
 # ARGS narrows it, e.g. `make test ARGS=tests/test_postgres.py`.
 WITH_CI := bash .ci/with-services.sh
 
+# Two pytest-xdist workers, whole files each (module fixtures run once): the suite waits on
+# Ray, subprocesses and I/O for much of its time, so two share the 2 CI cores well.
+XDIST := -n 2 --dist loadfile
+
 test: lint
-	$(WITH_CI) $(RUN) pytest $(ARGS)
+	$(WITH_CI) $(RUN) pytest $(XDIST) $(ARGS)
 
 test-all: lint
-	$(WITH_CI) $(RUN) pytest -m "slow or not slow" $(ARGS)
+	$(WITH_CI) $(RUN) pytest $(XDIST) -m "slow or not slow" $(ARGS)
 
 format: setup
 	$(RUN) ruff format monoray tests bench jobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,14 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # `make test` runs pytest under `uv run`; Ray must not re-launch workers through uv.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# `make test` runs two pytest-xdist workers: each starts its own local Ray (and so do the
+# sweep drivers it spawns) in its own temp dir, so that neither finds the other's cluster
+# (`ray.init` joins the cluster its temp dir records) nor its session files.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    base = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    os.environ["RAY_TMPDIR"] = str(base / worker)
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
