@@ -16,11 +16,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-def _save(fig: Figure, path: str | Path | None, dpi: int = 120) -> Figure:
+def _save(fig: Figure, path: str | Path | None, dpi: int = 120, *, tight: bool = True) -> Figure:
+    """`tight`: crop to the drawn artists (one more draw; a figure with fixed margins
+    needs none)."""
     FigureCanvasAgg(fig)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(str(path), dpi=dpi, bbox_inches="tight")
+        fig.savefig(str(path), dpi=dpi, bbox_inches="tight" if tight else None)
     return fig
 
 
@@ -52,8 +54,9 @@ def plot_monoscore_profile(
     ax.set_xlim(1, max(max(np.asarray(v).size for v in profiles.values()), 2))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    return _save(fig, path)
+    # Fixed margins, not tight_layout: every trial draws one, and layout passes cost a draw each.
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.14, top=0.91)
+    return _save(fig, path, tight=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,44 +96,104 @@ def plot_activation_grid(
     title: str = "",
     cmap: str = "gray_r",
 ) -> Figure:
-    """Paper Fig. 3 layout: per latent, top-n | middle-n | bottom-n activating images."""
+    """Paper Fig. 3 layout: per latent, top-n | middle-n | bottom-n activating images.
+
+    Each latent's row is ONE image (its samples side by side, each scaled to its own
+    range as `imshow` would, blank where a sample has no image) with one axes, not one
+    axes per sample: a front's grids are drawn for every front SAE of every sweep.
+    """
     groups = ("top", "middle", "bottom")
     per = max((len(p.groups.get(g, ())) for p in panels for g in groups), default=1) or 1
-    cols = 3 * per + 2  # two narrow spacer columns between the groups
-    ratios = ([1.0] * per + [0.25]) * 2 + [1.0] * per
-    fig = Figure(figsize=(0.75 * cols + 1.6, 1.05 * len(panels) + 0.7))
-    grid = fig.add_gridspec(
-        max(len(panels), 1), cols, width_ratios=ratios, wspace=0.08, hspace=0.55
+    shape = next(
+        (
+            s.image.shape
+            for p in panels
+            for g in groups
+            for s in p.groups.get(g, ())
+            if s.image is not None
+        ),
+        None,
     )
+    cols = 3 * per + 2  # as many tile widths as the samples, two narrow spacers between groups
+    fig = Figure(figsize=(0.75 * cols + 1.6, 1.05 * len(panels) + 0.7))
+    rows = max(len(panels), 1)
     for r, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, 1, r + 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(
+            f"latent {panel.latent}\nrank {panel.rank}\n"
+            f"MS {panel.monoscore:.3f}\nn+ {panel.n_active}",
+            fontsize=7,
+            rotation=0,
+            ha="right",
+            va="center",
+        )
+        h, w = _tile(shape)
+        gap = max(1, round(0.25 * w))
+        centers, labels = [], []
         for gi, g in enumerate(groups):
             samples = list(panel.groups.get(g, ()))
-            for j in range(per):
-                ax = fig.add_subplot(grid[r, gi * (per + 1) + j])
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if gi == 0 and j == 0:
-                    ax.set_ylabel(
-                        f"latent {panel.latent}\nrank {panel.rank}\n"
-                        f"MS {panel.monoscore:.3f}\nn+ {panel.n_active}",
-                        fontsize=7,
-                        rotation=0,
-                        ha="right",
-                        va="center",
-                    )
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
-                if r == 0 and j == per // 2:
-                    ax.set_title(f"{g}\n", fontsize=9, fontweight="bold")
-                if j >= len(samples):
-                    continue
-                s = samples[j]
-                if s.image is not None:
-                    ax.imshow(
-                        s.image, cmap=cmap if s.image.ndim == 2 else None, interpolation="nearest"
-                    )
-                lab = "" if s.label is None else f"y={s.label} "
-                ax.set_xlabel(f"{lab}{s.activation:.2f}", fontsize=6.5, labelpad=1)
+            x0 = gi * (per * w + gap)
+            if r == 0:
+                ax.text(
+                    x0 + per * w / 2,
+                    -0.12 * h,
+                    g,
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                    fontweight="bold",
+                )
+            for j, smp in enumerate(samples[:per]):
+                lab = "" if smp.label is None else f"y={smp.label} "
+                centers.append(x0 + j * w + (shape[1] if shape else 1) / 2)
+                labels.append(f"{lab}{smp.activation:.2f}")
+        if shape is not None:
+            ax.imshow(
+                _row_image(panel, groups, per, shape, gap),
+                cmap=cmap,
+                interpolation="nearest",
+                vmin=0.0,
+                vmax=1.0,
+                aspect="equal",
+            )
+        ax.set_xlim(-0.5, 3 * per * w + 2 * gap - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+        for x, text in zip(centers, labels, strict=True):
+            ax.text(x, h + 0.05 * h, text, ha="center", va="top", fontsize=6.5)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(hspace=0.55)
     return _save(fig, path)
+
+
+def _tile(shape: tuple[int, ...] | None) -> tuple[int, int]:
+    """(height, width) of one sample's cell: its image and a thin margin right of it."""
+    if shape is None:
+        return 1, 1
+    return shape[0], shape[1] + max(1, round(0.08 * shape[1]))
+
+
+def _row_image(
+    panel: LatentPanel, groups: Sequence[str], per: int, shape: tuple[int, ...], gap: int
+) -> np.ndarray:
+    """One latent's samples as one [H, W_total(, C)] image in [0, 1]; NaN (drawn as the
+    background) where there is no sample."""
+    h, w = _tile(shape)
+    out = np.full((h, 3 * per * w + 2 * gap, *shape[2:]), np.nan)
+    for gi, g in enumerate(groups):
+        for j, smp in enumerate(list(panel.groups.get(g, ()))[:per]):
+            if smp.image is None or smp.image.shape != shape:
+                continue
+            img = np.asarray(smp.image, dtype=np.float64)
+            if img.ndim == 2 or img.max() > 1.0:  # imshow's own scaling of a 2-D image
+                lo, hi = np.nanmin(img), np.nanmax(img)
+                img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            x0 = gi * (per * w + gap) + j * w
+            out[:, x0 : x0 + shape[1]] = img
+    if out.ndim == 3:  # RGB: the background is white, not NaN
+        out = np.where(np.isnan(out), 1.0, out)
+    return out

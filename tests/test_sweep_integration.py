@@ -72,6 +72,14 @@ def test_demo_sweep_records_everything(ray_session, project: Path) -> None:
     assert not result.interrupted
     assert result.n_complete + result.n_failed == 4
     records = assert_consistent(project, "demo", 4, epochs=2)
+    # max_concurrent 2 is two trial processes at once, though each trial is shorter than an
+    # actor's start-up (Tune asks a custom searcher for one pending trial unless told).
+    pids = {
+        json.loads(line)["pid"]
+        for f in (project / "ray" / "demo").glob("*/result.json")
+        for line in f.read_text().splitlines()
+    }
+    assert len(pids) == 2, pids
     study = study_of(project, "demo")
     baseline = study.trials[0]
     assert baseline.user_attrs.get(BASELINE_ATTR)

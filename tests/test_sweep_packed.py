@@ -25,7 +25,7 @@ from monoray.sweep.runner import SweepOptions, run_sweep
 from monoray.sweep.search import FAIL_ATTR, RAY_TRIAL_ATTR
 from monoray.sweep.space import load_space
 from monoray.sweep.tracking import PARETO_TAG
-from monoray.trials.packed import MEMBER_KEY
+from monoray.trials.packed import MEMBERS_KEY, member_reports
 from tests.test_bad_inputs import assert_refused, files_under, run_cli
 from tests.test_faults import (
     Injector,
@@ -88,15 +88,13 @@ def test_packed_demo_sweep_is_n_trials_runs_front_registry_and_clean_audit(
 
 
 def assert_one_checkpoint_per_pack_epoch(results: list[dict]) -> None:
-    """Of a pack's member results of one epoch only the last carries a checkpoint."""
-    by_epoch: dict[int, list[dict]] = {}
-    for r in results:
-        if MEMBER_KEY in r:
-            by_epoch.setdefault(r["epoch"], []).append(r)
-    assert by_epoch
-    for epoch, members in by_epoch.items():
-        carried = [r.get(CHECKPOINT_DIR) is not None for r in members]
-        assert carried == [False] * (len(members) - 1) + [True], (epoch, carried)
+    """A pack reports each epoch once, every member's epoch result in it, with the pack
+    checkpoint: one Tune result and one checkpoint per pack epoch."""
+    epochs = [member_reports(r) for r in results if MEMBERS_KEY in r]
+    assert epochs and all(r.get(CHECKPOINT_DIR) for r in results if MEMBERS_KEY in r)
+    for i, reports in enumerate(epochs, start=1):
+        assert {rep["epoch"] for rep in reports.values()} == {i}, (i, reports.keys())
+    assert len(epochs[0]) in (2, 4)  # the pack's size: every member in every epoch
 
 
 def constraints(trial: FrozenTrial) -> dict[str, float]:
@@ -157,9 +155,8 @@ def member_epochs(trial_dir: Path) -> dict[int, int]:
     epochs: dict[int, int] = {}
     for line in lines:
         with contextlib.suppress(ValueError):  # the last line may still be being written
-            r = json.loads(line)
-            if MEMBER_KEY in r:
-                epochs[int(r[MEMBER_KEY])] = max(epochs.get(int(r[MEMBER_KEY]), 0), r["epoch"])
+            for number, report in member_reports(json.loads(line)).items():
+                epochs[number] = max(epochs.get(number, 0), report["epoch"])
     return epochs
 
 
@@ -202,13 +199,13 @@ def test_worker_sigkill_mid_epoch_resumes_every_member(ray_session, project: Pat
 
 
 @pytest.mark.faults
-def test_worker_sigkill_between_members_reports_of_one_epoch_resumes_every_member(
+def test_worker_sigkill_after_a_pack_epoch_resumes_every_member_from_one_checkpoint(
     ray_session, project: Path
 ) -> None:
-    """Only the last member report of a pack epoch carries the pack checkpoint: a worker
-    killed after some members reported epoch e (no checkpoint yet) and before the last one
-    did resumes EVERY member from the pack checkpoint of epoch e - 1, those that had
-    reported e included; they train e again and the tracker keeps one record per epoch."""
+    """A pack epoch is one Tune result carrying the pack checkpoint: a worker killed while
+    it trains epoch e + 1 (its last result: epoch e) resumes EVERY member from one pack
+    checkpoint, that of epoch e, or of e - 1 if the kill beat the save call by which Tune
+    registers a result's checkpoint; the tracker keeps one record per epoch."""
     epochs, budget = 6, 8
     space = fault_space(
         f"resources.pack={budget}", "budget.max_concurrent=1", num_samples=budget, epochs=epochs
@@ -220,31 +217,35 @@ def test_worker_sigkill_between_members_reports_of_one_epoch_resumes_every_membe
     session = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
     live = session / "session_latest" / "artifacts"
 
-    def kill_between_members(stop: threading.Event) -> None:
+    def kill_mid_pack_epoch(stop: threading.Event) -> None:
         def one() -> bool:
             for d in live.glob("*/pmid/driver_artifacts/sae_pack_trial_*"):
                 r = last_result(d)
-                if r is None or MEMBER_KEY not in r or not 2 <= r["epoch"] < epochs:
+                reports = member_reports(r or {})
+                seen = {rep["epoch"] for rep in reports.values()}
+                if r is None or len(reports) != budget or len(seen) != 1:
                     continue
-                if r.get(CHECKPOINT_DIR) is not None or not is_trial_worker(r["pid"]):
-                    continue  # the last member's report of its epoch: wait for the next one
+                (epoch,) = seen
+                if not 2 <= epoch < epochs or r.get(CHECKPOINT_DIR) is None:
+                    continue
+                if not is_trial_worker(r["pid"]):
+                    continue
                 os.kill(r["pid"], signal.SIGKILL)
-                killed.update(epoch=r["epoch"], member=r[MEMBER_KEY])
+                killed.update(epoch=epoch)
                 return True
             return False
 
-        # The window is one member's checkpoint write and report round trip: poll often.
-        poll(stop, one, "a pack between two members' reports of one epoch", every_s=0.002)
+        poll(stop, one, "a pack past its epoch 2", every_s=0.002)
 
-    with Injector(kill_between_members):
+    with Injector(kill_mid_pack_epoch):
         sweep(space, "pmid")
     assert killed, "the pack's worker was never killed"
     report = audited(project, "pmid", budget)
     assert report.n_complete == budget
     records = assert_consistent(project, "pmid", budget, epochs=epochs)  # one record per epoch
-    for number in records.runs:  # every member resumed from the last pack epoch persisted
-        resumed = metric_values(project, "pmid", number, "resumed_from_epoch")
-        assert max(resumed) == killed["epoch"] - 1, (number, killed, resumed)
+    resumed = {max(metric_values(project, "pmid", n, "resumed_from_epoch")) for n in records.runs}
+    assert len(resumed) == 1, resumed
+    assert killed["epoch"] - 1 <= resumed.pop() <= killed["epoch"], killed
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import ray
 from monoray.sweep.moasha import MoAshaScheduler
 from monoray.sweep.search import TRIAL_KEY
 from monoray.sweep.space import Constraint, Objective
-from monoray.trials.packed import MEMBER_KEY, PACK_KEY, pack_member
+from monoray.trials.packed import PACK_KEY, bundle, member_reports, pack_member
 from monoray.trials.verdicts import KEEP, STOPPED_KEY, open_board
 
 
@@ -36,9 +36,11 @@ PACK = SimpleNamespace(
 
 
 def member(s: MoAshaScheduler, number: int, epoch: int, r2: float) -> tuple[str, dict]:
-    result = {MEMBER_KEY: number, "epoch": epoch, "r2": r2, "monoscore_mean": r2}
-    result["dead_fraction"] = 0.0
-    return s.on_trial_result(None, PACK, result), result
+    """The scheduler's decision on a pack-epoch result holding member `number` alone, and
+    that member's result as the scheduler left it."""
+    report = {"epoch": epoch, "r2": r2, "monoscore_mean": r2, "dead_fraction": 0.0}
+    result = bundle({number: report})
+    return s.on_trial_result(None, PACK, result), member_reports(result)[number]
 
 
 def verdict(s: MoAshaScheduler, number: int, epoch: int, timeout_s: float = 60.0) -> str | None:

@@ -18,7 +18,7 @@ Ranking (`rank`), best first:
 
 The contestants are Optuna trials, keyed by their trial number: a Tune trial's
 own, or each member of a packed Tune trial (`resources.pack`), judged on its own
-member-epoch results (`MEMBER_KEY`) with its own epochs.
+epoch results (in the pack's epoch results, `member_reports`) with its own epochs.
 
 Only the arriving trial is judged, so a trial can be judged by a table that
 later fills with better ones; that is what makes successive halving asynchronous.
@@ -37,7 +37,8 @@ restores on `Tuner.restore` (Tune keeps no scheduler state of its own).
 A pack member is stopped alone, its pack goes on (the scheduler never stops a
 pack): the scheduler publishes each member verdict to the sweep's `VerdictBoard`
 (`monoray.trials.verdicts`), which the pack waits on at the member's rungs, and
-writes a stop into the judged result, which Tune hands to the searcher next: the
+writes a stop into the member's result in the pack's epoch result, which Tune hands
+to the searcher next: the
 member is PRUNED in Optuna at once. Its MLflow run ends when the pack does, from
 the pack's outcomes, which carry the verdict.
 """
@@ -57,7 +58,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from monoray.configs import field_defaults
 from monoray.sweep.search import STOPPED_ATTR, STOPPED_EPOCH_ATTR, TRIAL_KEY, verdicts
 from monoray.sweep.space import Constraint, Objective, SweepSpace
-from monoray.trials.packed import MEMBER_KEY, PACK_KEY, pack_members
+from monoray.trials.packed import PACK_KEY, bundle, member_reports, pack_members
 from monoray.trials.verdicts import KEEP, STOPPED_KEY, open_board, rung_epochs
 
 
@@ -173,17 +174,19 @@ class MoAshaScheduler(FIFOScheduler):
             epochs = int(trial.config.get("epochs", self.default_epochs))
             stop = self.verdict(str(trial.config[TRIAL_KEY]), epochs, result)
             return TrialScheduler.CONTINUE if stop is None else TrialScheduler.STOP
-        if MEMBER_KEY not in result:
+        reports = member_reports(result)
+        if not reports:
             return TrialScheduler.CONTINUE  # the pack's last result: its members' outcomes
-        number = int(result[MEMBER_KEY])
-        params = dict(pack_members(trial.config))[number]
-        epochs = int(params.get("epochs", self.default_epochs))
-        stop = self.verdict(str(number), epochs, result)
-        epoch = int(result.get("epoch", 0))
-        if stop is not None:
-            result[STOPPED_KEY] = stop  # the searcher reads it next (module doc)
-        if stop is not None or epoch in rung_epochs(self.grace, self.eta, epochs):
-            self.board.publish.remote(number, epoch, KEEP if stop is None else stop)
+        members = dict(pack_members(trial.config))
+        for number, report in reports.items():
+            epochs = int(members[number].get("epochs", self.default_epochs))
+            stop = self.verdict(str(number), epochs, report)
+            epoch = int(report.get("epoch", 0))
+            if stop is not None:
+                report[STOPPED_KEY] = stop
+            if stop is not None or epoch in rung_epochs(self.grace, self.eta, epochs):
+                self.board.publish.remote(number, epoch, KEEP if stop is None else stop)
+        result.update(bundle(reports))  # the searcher reads the stops next (module doc)
         return TrialScheduler.CONTINUE  # a pack goes on; its stopped members end alone
 
     def verdict(self, key: str, epochs: int, result: dict) -> str | None:

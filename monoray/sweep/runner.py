@@ -11,9 +11,11 @@ are reused, MLflow runs are found again by Optuna trial number.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -118,6 +120,25 @@ def first_failure(grid: tune.ResultGrid, study: optuna.Study) -> str | None:
     return None
 
 
+PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+
+
+@contextlib.contextmanager
+def _pending_trials(max_concurrent: int) -> Iterator[None]:
+    """Let Tune start `max_concurrent` trials at once. Our searcher limits live trials itself,
+    not through a `ConcurrencyLimiter`, so Tune's "auto" allows ONE pending trial for it: the
+    next trial is only asked for once the last has an actor, and trials shorter than an
+    actor's start-up (the demo's) then run one at a time. A value the user set is kept."""
+    if max_concurrent <= 0 or PENDING_TRIALS_ENV in os.environ:
+        yield
+        return
+    os.environ[PENDING_TRIALS_ENV] = str(max_concurrent)
+    try:
+        yield
+    finally:
+        os.environ.pop(PENDING_TRIALS_ENV, None)
+
+
 def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
     paths = ProjectPaths.resolve(opts.root)
     name = opts.name or space.name
@@ -198,8 +219,10 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
                 verbose=tune_verbose(),
             ),
         )
+
     fit_start = time.perf_counter()
-    grid = tuner.fit()
+    with _pending_trials(space.budget.max_concurrent):
+        grid = tuner.fit()
     fit_s = time.perf_counter() - fit_start
     publish_start = time.perf_counter()
     tracker.open_parent()  # the driver-side tracker (Tune ran a restored copy on resume)

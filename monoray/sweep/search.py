@@ -23,7 +23,7 @@ from ray.tune.utils.util import unflatten_dict
 from monoray.runs.outcome import DIVERGED_KEY, DIVERGED_REASON_KEY, INPUT_ERROR_KEY
 from monoray.runs.verbosity import optuna_level
 from monoray.sweep.space import Param, SweepSpace, grid_points
-from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_outcomes, pack_member
+from monoray.trials.packed import PACK_KEY, member_outcomes, member_reports, pack_member
 from monoray.trials.verdicts import STOPPED_KEY
 
 BASELINE_ATTR = "monoray_baseline"
@@ -273,10 +273,12 @@ class MonorayOptunaSearch(OptunaSearch):
         """A pack member MO-ASHA just stopped is PRUNED now, not when its pack ends: Optuna
         holds every verdict at once, for a resumed driver (`moasha.MoAshaRecorder`). The
         scheduler wrote the verdict into this result (Tune hands it the same dict first)."""
-        if trial_id in self._packs and MEMBER_KEY in result and result.get(STOPPED_KEY):
-            number = int(result[MEMBER_KEY])
-            (ot_trial,) = [t for t in self._packs[trial_id] if t.number == number]
-            self._finish(ot_trial, result, error=False)
+        if trial_id not in self._packs:
+            return
+        for number, report in member_reports(result).items():
+            if report.get(STOPPED_KEY):
+                (ot_trial,) = [t for t in self._packs[trial_id] if t.number == number]
+                self._finish(ot_trial, report, error=False)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False

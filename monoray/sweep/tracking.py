@@ -31,7 +31,14 @@ from monoray.sweep.search import (
     redact,
     with_driver,
 )
-from monoray.trials.packed import MEMBER_KEY, PACK_KEY, member_dir, member_outcomes, pack_members
+from monoray.trials.packed import (
+    MEMBERS_KEY,
+    PACK_KEY,
+    member_dir,
+    member_outcomes,
+    member_reports,
+    pack_members,
+)
 from monoray.trials.verdicts import STOPPED_KEY
 
 SWEEP_TAG = "monoray.sweep"
@@ -56,7 +63,7 @@ _NOT_METRICS = {
     "time_total_s",
     "timestamp",
     "pid",
-    MEMBER_KEY,
+    MEMBERS_KEY,
 }
 _MAX_PARAM = 6000
 
@@ -351,9 +358,14 @@ class MlflowTracker(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        if PACK_KEY in trial.config and MEMBER_KEY not in result:
-            return  # a pack's last result: its members' outcomes, ended in on_trial_complete
-        number = int(result[MEMBER_KEY] if MEMBER_KEY in result else trial.config[TRIAL_KEY])
+        if PACK_KEY not in trial.config:
+            self._log_epoch(trial, int(trial.config[TRIAL_KEY]), result)
+            return
+        for number, report in member_reports(result).items():  # none in a pack's last result
+            self._log_epoch(trial, number, report)
+
+    def _log_epoch(self, trial: Any, number: int, result: dict[str, Any]) -> None:
+        """Optuna trial `number`'s epoch result, to its MLflow run."""
         run_id = self.run_for(trial, number)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self._last_epoch.get(number, 0):

@@ -52,6 +52,7 @@ from monoray.train.evaluate import (
     normalize_inputs,
     val_batch,
 )
+from monoray.train.stacked import Stack, stack_key, stackable
 from monoray.train.trainer import (
     EpochTotals,
     Run,
@@ -62,9 +63,22 @@ from monoray.train.trainer import (
 
 log = logging.getLogger(__name__)
 
-MemberOnEpoch = Callable[[int, int, dict[str, Any], Path, bool], bool]
-"""on_epoch(member, epoch, metrics, checkpoint_dir, last) -> True to stop that member now;
-`last`: no other member ends this pack epoch after it (all their checkpoints are written)."""
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """One member's end of a pack epoch, checkpointed: what `on_epoch` hears of it."""
+
+    member: int
+    """Its index in the pack."""
+    metrics: dict[str, Any]
+    """`train_sae`'s `on_epoch` metrics, with the val `monoscore_profile` (a list)."""
+    checkpoint: Path
+    """Its checkpoint directory of this epoch."""
+
+
+PackOnEpoch = Callable[[int, list[EpochEnd]], set[int]]
+"""on_epoch(epoch, ends) -> the members (indices) to stop now: called once per pack epoch,
+after every member ending it has its checkpoint of that epoch written."""
 
 T = TypeVar("T")
 
@@ -161,10 +175,22 @@ class _Rng:
             torch.cuda.set_rng_state(state[1])
 
 
+@dataclass(eq=False)
+class Epoch:
+    """How a data group's members step in one epoch (`Pack.begin_epoch`)."""
+
+    epoch: int
+    rng: _Rng
+    stacks: list[tuple[list[Member], Stack]]
+    """Stackable members of one kernel group (two or more) and their `Stack`."""
+    single: list[Member]
+    """The members that step one by one."""
+
+
 class Pack:
     """The pack's live members and the outcomes of those that ended."""
 
-    def __init__(self, size: int, on_epoch: MemberOnEpoch | None, keep: int) -> None:
+    def __init__(self, size: int, on_epoch: PackOnEpoch | None, keep: int) -> None:
         self.outcomes: list[MemberOutcome | None] = [None] * size
         self.live: list[Member] = []
         self.on_epoch = on_epoch
@@ -178,7 +204,7 @@ class Pack:
         out_dirs: Sequence[Path],
         *,
         resume: bool,
-        on_epoch: MemberOnEpoch | None = None,
+        on_epoch: PackOnEpoch | None = None,
         keep: int = 2,
     ) -> Pack:
         """Every member's run (`open_run`); a finished or failing one gets its outcome now."""
@@ -197,9 +223,9 @@ class Pack:
             pack.live.append(Member(i, run, run.start))
         return pack
 
-    def begin_epoch(self, group: list[Member], epoch: int) -> _Rng:
-        """Seed epoch `epoch` of a data group as `train_sae` does; every member's RNG stream
-        starts there."""
+    def begin_epoch(self, group: list[Member], epoch: int) -> Epoch:
+        """Seed epoch `epoch` of a data group as `train_sae` does (every member's RNG stream
+        starts there) and stack its stackable members by kernel group."""
         torch.manual_seed(epoch_seed(group[0].cfg.seed, epoch))
         rng = _Rng(group[0].run.device)
         seeded = rng.get()
@@ -207,7 +233,10 @@ class Pack:
             m.run.sae.train()
             m.totals = EpochTotals(m.run.device)
             m.rng = seeded
-        return rng
+        kernels = _groups([m for m in group if stackable(m.run)], lambda m: stack_key(m.run))
+        stacks = [(ms, Stack([m.run for m in ms])) for ms in kernels if len(ms) > 1]
+        stacked = {m for ms, _ in stacks for m in ms}
+        return Epoch(epoch, rng, stacks, [m for m in group if m not in stacked])
 
     def fail(self, member: Member, err: Exception) -> None:
         report = failure_report(err, rank=0)
@@ -218,21 +247,26 @@ class Pack:
         if member in self.live:
             self.live.remove(member)
 
-    def step(self, members: list[Member], x_raw: Tensor, epoch: int, rng: _Rng) -> None:
-        """One optimizer step of every member of a data group on the batch `x_raw`, the
-        encoder GEMM batched per kernel group; a member that fails is dropped."""
-        x = normalize_inputs(x_raw, members[0].cfg.normalize)
-        for m, pre in zip(members, _kernel_pres(members, x), strict=True):
-            rng.set(m.rng)
+    def step(self, now: Epoch, x_raw: Tensor) -> int:
+        """One optimizer step of every live member of a data group on the batch `x_raw`: each
+        stack as one, the others one after another (their encoder GEMM batched per kernel
+        group); a member that fails is dropped. Returns the number of members stepped."""
+        alive = [m for m in now.single if m in self.live]
+        x = normalize_inputs(x_raw, (alive or now.stacks[0][0])[0].cfg.normalize)
+        for _, stack in now.stacks:
+            stack.step(x, x_raw)
+        for m, pre in zip(alive, _kernel_pres(alive, x), strict=True):
+            now.rng.set(m.rng)
             try:
-                terms = m.run.train_step(x, x_raw, epoch, pre=pre)
+                terms = m.run.train_step(x, x_raw, now.epoch, pre=pre)
             except (DivergedError, InputError) as err:
                 self.fail(m, err)
                 continue
             finally:
-                m.rng = rng.get()
+                m.rng = now.rng.get()
             assert m.totals is not None
             m.totals.add(terms, m.run.step)
+        return len(alive) + sum(len(ms) for ms, _ in now.stacks)
 
     def train_epoch(self, group: list[Member], epoch: int, batches: _Batches, bar: Any) -> None:
         """Epoch `epoch` of one data group, one batch gather per step for all its members."""
@@ -240,17 +274,18 @@ class Pack:
         n, bs = batches.n, cfg.batch_size
         steps_per_epoch = math.ceil(n / bs)
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        rng = self.begin_epoch(group, epoch)
+        now = self.begin_epoch(group, epoch)
         perm = torch.randperm(n, generator=generator)
         for b in range(steps_per_epoch):
-            alive = [m for m in group if m in self.live]
-            if not alive:
+            if not now.stacks and not any(m in self.live for m in now.single):
                 return
-            x_raw = batches.get(perm[b * bs : (b + 1) * bs])
-            self.step(alive, x_raw, epoch, rng)
+            stepped = self.step(now, batches.get(perm[b * bs : (b + 1) * bs]))
             if bar is not None:
-                for _ in alive:
+                for _ in range(stepped):
                     bar.step()
+        for ms, stack in now.stacks:
+            for m, totals in zip(ms, stack.totals(), strict=True):
+                m.totals = totals
         for m in [m for m in group if m in self.live]:
             assert m.totals is not None
             try:
@@ -289,24 +324,28 @@ class Pack:
                     results[m.index] = accs[m.index].result()
         return results
 
-    def end_epoch(self, member: Member, epoch: int, result: EvalResult, *, last: bool) -> None:
-        """Checkpoint, report, then finish or stop `member` if this was its last epoch (`last`:
-        the last member to end this pack epoch)."""
-        run = member.run
-        metrics, ckpt_dir = run.end_epoch(epoch, member.train, result, keep=self.keep)
-        member.done = epoch
-        stop = False
-        if self.on_epoch is not None:
+    def end_epoch(self, members: list[Member], epoch: int, results: dict[int, EvalResult]) -> None:
+        """Checkpoint every member ending pack epoch `epoch`, report them (`on_epoch`), then
+        finish each whose last epoch it was and stop those `on_epoch` stops."""
+        if not members:
+            return
+        ends = []
+        for m in members:
+            result = results[m.index]
+            metrics, ckpt_dir = m.run.end_epoch(epoch, m.train, result, keep=self.keep)
+            m.done = epoch
             assert ckpt_dir is not None
             report = {**metrics, "monoscore_profile": result.profile().tolist()}
-            stop = bool(self.on_epoch(member.index, epoch, report, ckpt_dir, last))
-        if stop:
-            self.outcomes[member.index] = MemberOutcome(stopped_epoch=epoch)
-        elif epoch >= run.cfg.epochs:
-            self.outcomes[member.index] = MemberOutcome(metrics=run.finish(result))
-        else:
-            return
-        self.live.remove(member)
+            ends.append(EpochEnd(m.index, report, ckpt_dir))
+        stops = self.on_epoch(epoch, ends) if self.on_epoch is not None else set()
+        for m in members:
+            if m.index in stops:
+                self.outcomes[m.index] = MemberOutcome(stopped_epoch=epoch)
+            elif epoch >= m.cfg.epochs:
+                self.outcomes[m.index] = MemberOutcome(metrics=m.run.finish(results[m.index]))
+            else:
+                continue
+            self.live.remove(m)
 
 
 def train_pack(
@@ -315,7 +354,7 @@ def train_pack(
     *,
     out_dirs: Sequence[Path],
     resume: bool = False,
-    on_epoch: MemberOnEpoch | None = None,
+    on_epoch: PackOnEpoch | None = None,
     progress: bool | None = None,
     keep_checkpoints: int = 2,
 ) -> list[MemberOutcome]:
@@ -325,11 +364,10 @@ def train_pack(
     writes, and its training is that run's. `resume=True` continues every
     unfinished member from the newest intact checkpoint in its out dir (members
     may be at different epochs; a finished member is not retrained, its outputs
-    are rewritten from its last checkpoint). `on_epoch(i, epoch, metrics,
-    checkpoint_dir, last)` is called after each of member i's epochs is checkpointed,
-    with `train_sae`'s `on_epoch` metrics; True stops that member there. The members
-    ending one pack epoch are called in order; `last` is True for the last of them, when
-    every one of them has its checkpoint of that epoch written.
+    are rewritten from its last checkpoint). `on_epoch(epoch, ends)` is called once per
+    pack epoch, when every member ending it has its checkpoint of that epoch written, with
+    an `EpochEnd` for each (in member order); the members whose indices it returns stop
+    there.
     Returns one `MemberOutcome` per member, in order.
     """
     pack = Pack.open(
@@ -354,9 +392,7 @@ def train_pack(
                 pack.train_epoch(group, epoch, batches[group[0].run.device], bar)
             now = [m for m in now if m in pack.live]
             results = pack.evaluate(now, splits, epoch)
-            ending = [m for m in now if m in pack.live]
-            for m in ending:
-                pack.end_epoch(m, epoch, results[m.index], last=m is ending[-1])
+            pack.end_epoch([m for m in now if m in pack.live], epoch, results)
     finally:
         if bar is not None:
             bar.close()

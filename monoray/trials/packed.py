@@ -5,23 +5,25 @@
 under `PACK_KEY`, and `sae_pack_trial` trains them together with
 `monoray.train.packed.train_pack`. Each member still reports on its own:
 
-- every member epoch is one Tune result tagged `MEMBER_KEY` (its Optuna
-  trial number), logged by the tracker to that member's MLflow run;
-- the last member report of each pack epoch carries the pack checkpoint
-  (`members/trial-NNNN/` holds every member's newest epoch checkpoint), so
-  Tune persists one pack checkpoint per pack epoch, not one per member epoch,
-  and a retried pack (worker SIGKILL, even between two members' reports)
-  resumes every unfinished member from its newest persisted epoch;
+- each pack epoch is ONE Tune result: under `MEMBERS_KEY`, every member's epoch
+  result by its Optuna trial number (`member_reports`), which the tracker logs
+  to that member's MLflow run. `tune.report` waits for the driver to take the
+  result, so one round trip per pack epoch, not per member epoch, is what lets a
+  pack of small SAEs train instead of waiting on its reports;
+- that result carries the pack checkpoint (`members/trial-NNNN/` holds every
+  member's newest epoch checkpoint), so a retried pack (worker SIGKILL at any
+  moment) resumes every unfinished member from its newest persisted epoch;
 - the last result holds `OUTCOMES_KEY`, a JSON map from member number to its
   final metrics, its failure report, or its stop-epoch result with the verdict
   under `STOPPED_KEY`: the searcher tells Optuna and the tracker ends the MLflow
   runs from it, member by member (one diverged member is FAILED alone);
 - under `scheduler: mo_asha` each member is judged on its own results
-  (`monoray.trials.verdicts`): at its rung epochs the pack waits for the
-  member's verdict and a stopped member stops alone (the others train on). A
-  retried or resumed pack reports each restored member's epoch again, so that
-  the scheduler judges it there (or repeats its standing verdict) before it
-  trains on; a member restored at its stop is not trained again.
+  (`monoray.trials.verdicts`; the scheduler marks a stopped member's result in
+  the bundle): at its rung epochs the pack waits for the member's verdict and a
+  stopped member stops alone (the others train on). A retried or resumed pack
+  reports each restored member's epoch again (one result), so that the scheduler
+  judges it there (or repeats its standing verdict) before it trains on; a
+  member restored at its stop is not trained again.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from monoray.trials.verdicts import STOPPED_KEY, MemberRungs
 
 PACK_KEY = "_pack"
 """Config key of a packed Tune trial: its members, each `pack_member(number, params)`."""
-MEMBER_KEY = "pack_member"
-"""Result key: the Optuna trial number a packed trial's epoch result is about."""
+MEMBERS_KEY = "pack_members"
+"""Result key of a pack epoch: JSON `{number: that member's epoch result}` (`member_reports`)."""
 OUTCOMES_KEY = "pack_outcomes"
 """Last result of a packed trial: JSON `{number: final metrics or failure report}`."""
 MEMBERS = "members"
@@ -63,6 +65,20 @@ def pack_members(config: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """(Optuna trial number, full training parameters) of each member of a packed config."""
     fixed = trial_params(config)
     return [(int(m["number"]), {**fixed, **m["params"]}) for m in config.get(PACK_KEY, ())]
+
+
+def member_reports(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each member's epoch result in a pack-epoch result ({} in any other result)."""
+    raw = result.get(MEMBERS_KEY)
+    return {int(k): v for k, v in json.loads(raw).items()} if isinstance(raw, str) else {}
+
+
+def bundle(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The pack-epoch result of these member epoch results (its `epoch`: their newest)."""
+    return {
+        MEMBERS_KEY: json.dumps({str(n): r for n, r in reports.items()}),
+        "epoch": max(int(r["epoch"]) for r in reports.values()),
+    }
 
 
 def member_outcomes(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -104,7 +120,7 @@ def sae_pack_trial(
     with `rungs`, stop each member its verdict stops (module doc)."""
     from monoray.runs.checkpoint import CHECKPOINTS, read_checkpoint_dir
     from monoray.train import TrainConfig
-    from monoray.train.packed import train_pack
+    from monoray.train.packed import EpochEnd, train_pack
 
     members = pack_members(config)
     numbers = [n for n, _ in members]
@@ -125,28 +141,31 @@ def sae_pack_trial(
         return why is not None
 
     resumed: dict[int, int] = {}
+    again: dict[int, dict[str, Any]] = {}
     for n, src in restore_pack(work / "restored", numbers).items():
         epoch = read_checkpoint_dir(src, with_optimizer=False).epoch
         shutil.copytree(src, out_dirs[numbers.index(n)] / CHECKPOINTS / f"epoch-{epoch:04d}")
         shutil.copytree(src, member_dir(stage, n))
         resumed[n] = epoch
         if epoch < cfgs[numbers.index(n)].epochs:  # judged there again before it trains on
-            report = epoch_report(epoch, restored_metrics(src), None, epoch)
-            tune.report({**report, MEMBER_KEY: n})
+            again[n] = epoch_report(epoch, restored_metrics(src), None, epoch)
+    if again:
+        tune.report(bundle(again))
+        for n, report in again.items():
             judged(n, report)
     train = [i for i, n in enumerate(numbers) if n not in stopped]
 
-    def on_epoch(
-        i: int, epoch: int, metrics: dict[str, Any], checkpoint_dir: Path, last: bool
-    ) -> bool:
-        number = numbers[train[i]]
-        dest = member_dir(stage, number)
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, dest)
-        report = epoch_report(epoch, metrics, dest, resumed.get(number, 0))
-        checkpoint = _checkpoint(stage) if last else None  # the stage holds the whole epoch
-        tune.report({**report, MEMBER_KEY: number}, checkpoint=checkpoint)
-        return judged(number, report)
+    def on_epoch(epoch: int, ends: list[EpochEnd]) -> set[int]:
+        reports = {}
+        for end in ends:
+            number = numbers[train[end.member]]
+            dest = member_dir(stage, number)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(end.checkpoint, dest)
+            reports[number] = epoch_report(epoch, end.metrics, dest, resumed.get(number, 0))
+        tune.report(bundle(reports), checkpoint=_checkpoint(stage))  # the stage: every member
+        by_number = {numbers[train[e.member]]: e.member for e in ends}
+        return {i for n, i in by_number.items() if judged(n, reports[n])}
 
     try:
         outcomes = train_pack(
