@@ -5,9 +5,11 @@
     python bench/packed_step.py --quick       # small sizes, seconds (smoke test)
 
 A packed step is what `train_pack` does per batch (`monoray.train.packed.Pack.step`):
-one batch normalised once, the P encoder GEMMs as one `torch.baddbmm`, then
-each member's own step (sparse or dense path, MonoLoss at λ > 0, backward,
-clip, fused Adam, renorm). P = 1 is exactly `train_sae`'s step. The members
+one batch normalised once, then either one `Stack` step for all P members (on
+the dense path, `--device cuda`, or on CPU when batch * d_sae * d_in <= 2^21;
+`monoray.train.stacked`), or, at this size on CPU, each member's own step (sparse
+path, MonoLoss at λ > 0, backward, clip, fused Adam, renorm). P = 1 is exactly
+`train_sae`'s step. The members
 differ in lr and λ (as a sweep's do), all at k 64. Pack sizes run interleaved
 (one step of each per round) so background load hits them alike; each is
 reported as ms per step (median, min) and ms per member step, and the ratio

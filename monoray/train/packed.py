@@ -52,7 +52,7 @@ from monoray.train.evaluate import (
     normalize_inputs,
     val_batch,
 )
-from monoray.train.stacked import Stack, stack_key, stackable
+from monoray.train.stacked import Stack, small_step, stack_key, stackable
 from monoray.train.trainer import (
     EpochTotals,
     Run,
@@ -146,11 +146,15 @@ def stacked_pre(saes: Sequence[SparseAutoencoder], x: Tensor) -> list[Tensor]:
 
 def _kernel_pres(members: Sequence[Member], x: Tensor) -> list[Tensor | None]:
     """Pre-activations for `members` (one data group's batch x): batched per kernel group;
-    None (the SAE computes its own) for a member alone in its kernel group."""
+    None (the SAE computes its own) for a member alone in its kernel group, or on CPU when
+    the step is large: there the GEMM is compute-bound and stacking the encoders (a copy of
+    every member's W_enc per batch) only adds time."""
     pres: list[Tensor | None] = [None] * len(members)
     slots = _groups(range(len(members)), lambda i: members[i].kernel_key())
     for slot in slots:
-        if len(slot) < 2:
+        d_in, d_sae = members[slot[0]].kernel_key()
+        large = x.device.type == "cpu" and not small_step(x.shape[0], d_sae, d_in)
+        if len(slot) < 2 or large:
             continue
         saes = [members[i].run.sae for i in slot]
         for i, pre in zip(slot, stacked_pre(saes, x), strict=True):

@@ -50,6 +50,11 @@ Measured (4 BatchTopK members, one thread): stacked 3.7x faster per step at 2^18
 2.0x at 2^20, 0.72x at 2^22, 0.2x at 2^27."""
 
 
+def small_step(batch: int, d_sae: int, d_in: int) -> bool:
+    """A step that is mostly per-kernel overhead on CPU (`STACK_MAX_SPARSE_WORK`)."""
+    return batch * d_sae * d_in <= STACK_MAX_SPARSE_WORK
+
+
 def stackable(run: Run) -> bool:
     """Whether `run` trains in a stack: a TopK/BatchTopK SAE on one process with constant loss
     coefficients (a scheduled λ steps alone) whose step is dense anyway (impl "dense", or
@@ -57,7 +62,7 @@ def stackable(run: Run) -> bool:
     cfg = run.cfg
     sae = cfg.sae
     dense = sae.impl == "dense" or (sae.impl == "auto" and run.device.type != "cpu")
-    small = cfg.batch_size * sae.d_sae * sae.d_in <= STACK_MAX_SPARSE_WORK
+    small = small_step(cfg.batch_size, sae.d_sae, sae.d_in)
     return (
         sae.arch in STACKABLE_ARCHS
         and run.sae.collective.size == 1
