@@ -81,3 +81,20 @@ def test_the_board_waits_for_a_verdict_and_says_when_none_came(ray_session) -> N
     assert ray.get(board.verdict.remote(7, 1, 60.0)) == KEEP
     assert ray.get(board.verdict.remote(8, 1, 0.05)) is None  # nothing published for 8
     assert open_board("unit-board") == board  # one board per sweep
+
+
+def test_every_member_of_one_pack_epoch_result_is_judged_on_its_own(ray_session) -> None:
+    """One pack-epoch result holds both members: each is recorded and judged at its rung in
+    member order, the stop is written into that member's result only."""
+    s = scheduler("unit-bundle")
+    result = bundle(
+        {
+            3: {"epoch": 1, "r2": 0.9, "monoscore_mean": 0.9, "dead_fraction": 0.0},
+            4: {"epoch": 1, "r2": 0.1, "monoscore_mean": 0.1, "dead_fraction": 0.5},
+        }
+    )
+    assert s.on_trial_result(None, PACK, result) == "CONTINUE"
+    reports = member_reports(result)
+    assert list(s.rungs[1]) == ["3", "4"] and STOPPED_KEY not in reports[3]
+    assert reports[4][STOPPED_KEY] == "rung 1 (epoch 1): infeasible, rank 2 of 2, kept 1"
+    assert verdict(s, 3, 1) == KEEP and verdict(s, 4, 1) == reports[4][STOPPED_KEY]
