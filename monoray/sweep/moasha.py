@@ -37,10 +37,9 @@ restores on `Tuner.restore` (Tune keeps no scheduler state of its own).
 A pack member is stopped alone, its pack goes on (the scheduler never stops a
 pack): the scheduler publishes each member verdict to the sweep's `VerdictBoard`
 (`monoray.trials.verdicts`), which the pack waits on at the member's rungs, and
-writes a stop into the member's result in the pack's epoch result, which Tune hands
-to the searcher next: the
-member is PRUNED in Optuna at once. Its MLflow run ends when the pack does, from
-the pack's outcomes, which carry the verdict.
+writes a stop into the member's result in the pack's epoch result, which Tune
+hands to the searcher next: the member is PRUNED in Optuna at once. Its MLflow
+run ends when the pack does, from the pack's outcomes, which carry the verdict.
 """
 
 from __future__ import annotations
