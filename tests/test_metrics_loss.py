@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_metrics_common import as_layout, cases, pairwise_loss
 
 from monoray.errors import InputError
-from monoray.metrics import DEFAULT_EPS, mono_loss, mono_loss_rows
+from monoray.metrics import DEFAULT_EPS, mono_loss, mono_loss_rows, stacked_mono_loss
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -47,6 +47,26 @@ def test_dense_value_and_gradient_equal_pairwise_autograd(case, eps) -> None:
     loss.backward()
     _close(loss.detach(), ref)
     _close(x.grad, ref_grad)
+
+
+@given(cases(max_n=14, zero_rows=True), eps_values, st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_stacked_losses_equal_pairwise_autograd_of_each_matrix(case, eps, p, seed) -> None:
+    """P activation matrices of one batch (the case's, then the same columns permuted and
+    scaled): each loss and its gradient as the pairwise reference's, at once."""
+    g = torch.Generator().manual_seed(seed)
+    mats = [case.activations]
+    for _ in range(p - 1):
+        perm = torch.randperm(case.activations.shape[1], generator=g)
+        mats.append(
+            case.activations[:, perm] * (0.5 + torch.rand(1, generator=g, dtype=torch.float64))
+        )
+    x = torch.stack(mats).requires_grad_()
+    losses = stacked_mono_loss(case.embeddings, x, eps=eps)
+    losses.sum().backward()
+    for i, a in enumerate(mats):
+        ref, ref_grad = _reference(case.embeddings, a, eps)
+        _close(losses[i].detach(), ref)
+        _close(x.grad[i], ref_grad)
 
 
 @given(cases(max_n=14, zero_rows=True), eps_values, st.sampled_from(["coo", "csr", "rows"]))

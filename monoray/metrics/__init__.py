@@ -4,7 +4,8 @@
   torch sparse activations; `MonoScoreAccumulator` for batches / shards /
   torch.distributed ranks; `monoscore_pairwise` is the O(N²) reference.
 - `mono_loss(E, A)`: differentiable batch MonoLoss (dense or sparse);
-  `mono_loss_rows` takes CSR-like arrays (the SAE fast path);
+  `mono_loss_rows` takes CSR-like arrays (the SAE fast path); `stacked_mono_loss`
+  the dense loss of P activation matrices of one batch at once (a packed step);
   `mono_loss_global` is the same loss over the global batch of all
   torch.distributed ranks (dense), `mono_term_for_ddp` its DDP gradient scaling.
 - `class_purity`, `r2_score`, `explained_variance`, `l0`, `dead_fraction`,
@@ -18,7 +19,7 @@ argument. See PERFORMANCE.md for measured costs.
 """
 
 from monoray.metrics.distributed_loss import mono_loss_global, mono_term_for_ddp
-from monoray.metrics.loss import DEFAULT_EPS, mono_loss, mono_loss_rows
+from monoray.metrics.loss import DEFAULT_EPS, mono_loss, mono_loss_rows, stacked_mono_loss
 from monoray.metrics.monoscore import (
     DEN_RTOL,
     MonoScoreAccumulator,
@@ -59,4 +60,5 @@ __all__ = [
     "monoscore_profile",
     "monoscore_summary",
     "r2_score",
+    "stacked_mono_loss",
 ]

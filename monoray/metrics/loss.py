@@ -84,8 +84,8 @@ def _loss_from_parts(
     num: Tensor, den: Tensor, u: Tensor, mn: Tensor, rs: Tensor, spread: Tensor, n: int, eps: float
 ) -> Tensor:
     scores, active = finish_scores(num, den, u, mn, rs, spread, float(n), eps=eps)
-    count = active.sum().clamp(min=1).to(_F64)
-    return 1.0 - scores.sum() / count
+    count = active.sum(-1).clamp(min=1).to(_F64)
+    return 1.0 - scores.sum(-1) / count
 
 
 def check_eps(eps: float) -> float:
@@ -127,13 +127,14 @@ def dense_stats(
     h: Tensor, zero: Tensor, x: Tensor, mn: Tensor, rs: Tensor, work: torch.dtype = _F64
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`(u, v, vh, W)` of `Ã = (x - min) / r_safe`: `Σ ã`, `Σ ã²`, `Σ ||h||² ã²` [M]
-    (`v` less the share of the all-zero rows, `zero` [B]) and `ÃᵀH` [M, d] (GEMM in `work`)."""
+    (`v` less the share of the all-zero rows, `zero` [B]) and `ÃᵀH` [M, d] (GEMM in `work`).
+    `x` may be [..., B, M] (`mn`, `rs` [..., 1, M]): one set of statistics per leading index."""
     at = (x - mn) / rs
-    u = at.sum(0)
+    u = at.sum(-2)
     sq = at * at
-    v = sq.sum(0)
+    v = sq.sum(-2)
     vh = v - zero @ sq  # exactly v without zero rows
-    w = (at.T.to(work) @ h.to(work)).to(_F64)
+    w = (at.mT.to(work) @ h.to(work)).to(_F64)
     return u, v, vh, w
 
 
@@ -148,17 +149,34 @@ def loss_from_stats(
     n: int,
     eps: float,
 ) -> Tensor:
-    """The float64 MonoLoss of a batch of `n` rows from its `dense_stats`."""
-    q = (w * w).sum(1)
+    """The float64 MonoLoss of a batch of `n` rows from its `dense_stats` (one per leading
+    index of [..., M] statistics)."""
+    q = (w * w).sum(-1)
     return _loss_from_parts(0.5 * (q - vh), 0.5 * (u * u - v), u, mn, rs, spread, n, eps)
 
 
 def _dense_loss(h: Tensor, zero: Tensor, a: Tensor, eps: float, work: torch.dtype) -> Tensor:
+    """MonoLoss of dense activations [..., B, M] of the batch whose unit embeddings are `h`
+    (one loss per leading index)."""
     x = a.to(_F64)
-    mn, mx = torch.amin(x, 0), torch.amax(x, 0)
+    mn, mx = torch.amin(x, -2), torch.amax(x, -2)
     rs, spread = safe_range(mn, mx)
-    u, v, vh, w = dense_stats(h, zero, x, mn, rs, work)
-    return loss_from_stats(u, v, vh, w, mn, rs, spread, int(x.shape[0]), eps).to(a.dtype)
+    u, v, vh, w = dense_stats(h, zero, x, mn.unsqueeze(-2), rs.unsqueeze(-2), work)
+    return loss_from_stats(u, v, vh, w, mn, rs, spread, int(x.shape[-2]), eps).to(a.dtype)
+
+
+def stacked_mono_loss(
+    embeddings: Tensor,
+    activations: Tensor,
+    *,
+    eps: float = DEFAULT_EPS,
+    precision: Precision = "float64",
+) -> Tensor:
+    """[P] `mono_loss` of each of P dense activation matrices [P, B, M] of one batch (its
+    embeddings [B, d]): the dense path's arithmetic, run once for all P. No input checks
+    (a packed step's own latents; a NaN shows in that member's loss)."""
+    h, zero = unit_rows_and_zeros(embeddings)
+    return _dense_loss(h, zero, activations, check_eps(eps), _work_dtype(precision))
 
 
 # --------------------------------------------------------------- sparse path

@@ -28,9 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from monoray.metrics._checks import unit_rows_and_zeros
-from monoray.metrics.loss import safe_range
-from monoray.metrics.monoscore import finish_scores
+from monoray import metrics
 from monoray.train.trainer import EpochTotals, Run
 
 STACKABLE_ARCHS = ("topk", "batchtopk")
@@ -113,7 +111,7 @@ class Stack:
         self.topk_max = max((loss_cfgs[i].k for i in self.topk_idx), default=0)
         self.batch_max = max((loss_cfgs[i].k for i in self.batch_idx), default=0)
         self.mono_eps = loss_cfgs[0].mono_eps
-        self.mono_work = getattr(torch, loss_cfgs[0].mono_precision)
+        self.mono_work = loss_cfgs[0].mono_precision
         self.clip = per_member([r.cfg.grad_clip for r in self.runs])
         self.adam_eps = per_member([r.cfg.adam_eps for r in self.runs])
 
@@ -257,25 +255,11 @@ class Stack:
         return torch.where(n_aux > 0, self._recon_loss(torch.bmm(acts, self.W_dec), residual), 0.0)
 
     def _mono(self, z: Tensor, embeddings: Tensor) -> Tensor:
-        """MonoLoss (the dense linear-time form of `metrics.mono_loss`) of each member with
-        λ > 0, in `mono_idx` order."""
-        h, zero = unit_rows_and_zeros(embeddings)
-        a = z[self.mono_rows].to(_F64)
-        mn, mx = a.amin(1), a.amax(1)
-        rs, spread = safe_range(mn, mx)
-        at = (a - mn[:, None]) / rs[:, None]
-        u = at.sum(1)
-        sq = at * at
-        v = sq.sum(1)
-        vh = v - zero @ sq
-        w = (at.mT.to(self.mono_work) @ h.to(self.mono_work)).to(_F64)
-        q = (w * w).sum(2)
-        num, den = 0.5 * (q - vh), 0.5 * (u * u - v)
-        scores, active = finish_scores(
-            num, den, u, mn, rs, spread, float(z.shape[1]), eps=self.mono_eps
+        """MonoLoss of each member with λ > 0, in `mono_idx` order: `mono_loss`'s dense
+        path (`metrics.stacked_mono_loss`), the members' own sparse path in dense form."""
+        return metrics.stacked_mono_loss(
+            embeddings.detach(), z[self.mono_rows], eps=self.mono_eps, precision=self.mono_work
         )
-        count = active.sum(1).clamp(min=1).to(_F64)
-        return (1.0 - scores.sum(1) / count).to(z.dtype)
 
     def _update_threshold(self, src: Tensor, keep: Tensor) -> None:
         """BatchTopK: EMA of the smallest positive value each member kept."""
