@@ -128,7 +128,8 @@ def _pending_trials(max_concurrent: int) -> Iterator[None]:
     """Let Tune start `max_concurrent` trials at once. Our searcher limits live trials itself,
     not through a `ConcurrencyLimiter`, so Tune's "auto" allows ONE pending trial for it: the
     next trial is only asked for once the last has an actor, and trials shorter than an
-    actor's start-up (the demo's) then run one at a time. A value the user set is kept."""
+    actor's start-up (the demo's) then run one at a time. A value the user set is kept, and
+    an unbounded `max_concurrent` (0) keeps Tune's default."""
     if max_concurrent <= 0 or PENDING_TRIALS_ENV in os.environ:
         yield
         return
@@ -219,7 +220,6 @@ def run_sweep(space: SweepSpace, opts: SweepOptions) -> SweepResult:
                 verbose=tune_verbose(),
             ),
         )
-
     fit_start = time.perf_counter()
     with _pending_trials(space.budget.max_concurrent):
         grid = tuner.fit()

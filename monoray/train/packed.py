@@ -8,11 +8,15 @@ step), and writes the same files. What the members share:
   same batches in the same order, so each step gathers and normalises one batch
   for all of them (a *data group*; groups with other keys run one after another
   in the same process);
-- the encoder GEMM: within a data group, members with the same (d_in, d_sae)
-  get their pre-activations from one `torch.baddbmm` over their stacked W_enc,
-  b_enc, b_dec (a *kernel group*; architecture, k, λ, lr, impl and every loss
-  option may differ: the pre-activation is the same affine map in every
-  architecture). It runs without grad, as each SAE's own `_pre(x)` does; the
+- the step: within a data group, TopK and BatchTopK members with the same
+  `stack_key` step as one `Stack` (`monoray.train.stacked`: [P, ...] parameters,
+  one set of batched ops for the whole step; where that pays, see `stackable`);
+- the encoder GEMM of the members that step one by one: within a data group,
+  members with the same (d_in, d_sae) get their pre-activations from one
+  `torch.baddbmm` over their stacked W_enc, b_enc, b_dec (a *kernel group*;
+  architecture, k, λ, lr, impl and every loss option may differ: the
+  pre-activation is the same affine map in every architecture; on CPU only for
+  small steps). It runs without grad, as each SAE's own `_pre(x)` does; the
   sparse path recomputes its kept entries with grad, the dense path attaches it
   with a dense backward per member (`SparseAutoencoder.forward_train(pre=...)`);
 - evaluation: one pass over the val split per (device, eval_batch_size), with the
@@ -21,10 +25,11 @@ step), and writes the same files. What the members share:
 Everything else is the member's own: parameters, Adam state, lr schedule,
 λ and loss options, BatchTopK threshold, AuxK counters, the global torch RNG
 stream (saved and restored around each of its steps). On CPU the batched GEMM
-gives bit-identical pre-activations to each member's own `addmm`, so a packed
-member equals the member trained alone exactly; on CUDA they may differ by
-float rounding. A member that diverges or meets bad input is failed alone
-(`MemberOutcome.failure`) and dropped; the others go on.
+gives bit-identical pre-activations to each member's own `addmm`, so a member
+that steps on its own on the sparse path equals the member trained alone
+exactly; a stacked member (dense batched kernels), and any member on CUDA, may
+differ by float rounding. A member that diverges or meets bad input is failed
+alone (`MemberOutcome.failure`) and dropped; the others go on.
 """
 
 from __future__ import annotations
@@ -184,6 +189,8 @@ class Epoch:
     """How a data group's members step in one epoch (`Pack.begin_epoch`)."""
 
     epoch: int
+    normalize: str
+    """The data group's `normalize`."""
     rng: _Rng
     stacks: list[tuple[list[Member], Stack]]
     """Stackable members of one kernel group (two or more) and their `Stack`."""
@@ -240,7 +247,8 @@ class Pack:
         kernels = _groups([m for m in group if stackable(m.run)], lambda m: stack_key(m.run))
         stacks = [(ms, Stack([m.run for m in ms])) for ms in kernels if len(ms) > 1]
         stacked = {m for ms, _ in stacks for m in ms}
-        return Epoch(epoch, rng, stacks, [m for m in group if m not in stacked])
+        single = [m for m in group if m not in stacked]
+        return Epoch(epoch, group[0].cfg.normalize, rng, stacks, single)
 
     def fail(self, member: Member, err: Exception) -> None:
         report = failure_report(err, rank=0)
@@ -256,7 +264,7 @@ class Pack:
         stack as one, the others one after another (their encoder GEMM batched per kernel
         group); a member that fails is dropped. Returns the number of members stepped."""
         alive = [m for m in now.single if m in self.live]
-        x = normalize_inputs(x_raw, (alive or now.stacks[0][0])[0].cfg.normalize)
+        x = normalize_inputs(x_raw, now.normalize)
         for _, stack in now.stacks:
             stack.step(x, x_raw)
         for m, pre in zip(alive, _kernel_pres(alive, x), strict=True):
